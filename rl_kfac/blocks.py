@@ -1,0 +1,140 @@
+"""Curvature blocks: one per supported layer, the layer's view of the K-FAC math.
+
+A block sees its layer's weight and bias as one matrix ``[W | b]`` of shape ``(dim_g, dim_a)``:
+rows are output units (the G side), columns are input features plus a homogeneous ``1`` for the
+bias (the A side). The Fisher block is approximated by ``A ⊗ G`` with
+
+    A = (1/rows) Σ ā āᵀ,     ā = [a; 1],
+    G = N Σ g gᵀ  = (1/N) Σ (N g)(N g)ᵀ,
+
+where ``g = ∂L/∂s`` at the pre-activation ``s`` of the *batch-mean* Fisher loss ``L`` over ``N``
+samples. Extra dimensions shared by one weight (positions of a convolution, leading dims of a
+Linear applied to sequences) are handled as in Eschenhagen et al. (2023), "Kronecker-Factored
+Approximate Curvature for Modern Neural Network Architectures":
+
+- expand: every shared position is one more row of ``a`` and ``g`` (``rows = N·R``);
+- reduce: ``a`` is averaged and ``g`` summed over the shared positions (``rows = N``).
+
+A block only turns tensors into rows; the optimizer owns the running averages.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ConvApprox = Literal["expand", "reduce"]
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+class Block:
+    """Common part of a layer block: parameter bookkeeping and the ``[W | b]`` matrix layout."""
+
+    def __init__(self, module: nn.Module, name: str, has_bias: bool) -> None:
+        weight = module.weight
+        assert isinstance(weight, Tensor)
+        self.module = module
+        self.name = name
+        self.weight: Tensor = weight
+        self.bias: Tensor | None = module.bias if has_bias else None  # type: ignore[assignment]
+        self.dim_g = int(weight.shape[0])
+        self.dim_in = int(weight[0].numel())
+        self.dim_a = self.dim_in + int(has_bias)
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def matrix_views(self, mat: Tensor) -> list[Tensor]:
+        """Views of a ``(dim_g, ≥dim_a)`` matrix shaped like ``params`` (weight, then bias)."""
+        views = [mat[: self.dim_g, : self.dim_in].view(self.weight.shape)]
+        if self.bias is not None:
+            views.append(mat[: self.dim_g, self.dim_in])
+        return views
+
+    def input_rows(self, a: Tensor) -> tuple[Tensor, float]:
+        """Rows ``X`` of augmented inputs and a scale ``s`` such that ``A = s XᵀX``."""
+        raise NotImplementedError
+
+    def grad_rows(self, g: Tensor) -> tuple[Tensor, float]:
+        """Rows ``Y`` of output gradients and a scale ``s`` such that ``G = s YᵀY``."""
+        raise NotImplementedError
+
+    def _with_bias(self, x: Tensor) -> Tensor:
+        return F.pad(x, (0, 1), value=1.0) if self.bias is not None else x
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, A={self.dim_a}, G={self.dim_g})"
+
+
+class LinearBlock(Block):
+    """``nn.Linear`` with any leading dims: the first is the batch, the others expand into rows."""
+
+    def input_rows(self, a: Tensor) -> tuple[Tensor, float]:
+        x = self._with_bias(a.reshape(-1, self.dim_in))
+        return x, 1.0 / x.shape[0]
+
+    def grad_rows(self, g: Tensor) -> tuple[Tensor, float]:
+        n = g.shape[0] if g.dim() > 1 else 1
+        return g.reshape(-1, self.dim_g), float(n)
+
+
+class Conv2dBlock(Block):
+    """``nn.Conv2d`` (stride, padding incl. "same" and non-zero modes, dilation; groups=1)."""
+
+    def __init__(self, module: nn.Conv2d, name: str, has_bias: bool, approx: ConvApprox) -> None:
+        super().__init__(module, name, has_bias)
+        self.conv = module
+        self.approx: ConvApprox = approx
+
+    def _patches(self, a: Tensor) -> Tensor:
+        """Unfolded input patches, ``(N, C·kh·kw, R)``."""
+        conv = self.conv
+        if a.dim() == 3:
+            a = a.unsqueeze(0)
+        padding: tuple[int, ...] | int = 0
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            a = F.pad(a, conv._reversed_padding_repeated_twice, mode=mode)
+        else:
+            padding = conv.padding  # type: ignore[assignment]
+        return F.unfold(
+            a, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+        )
+
+    def input_rows(self, a: Tensor) -> tuple[Tensor, float]:
+        patches = self._patches(a)
+        n, d, r = patches.shape
+        if self.approx == "expand":
+            x = self._with_bias(patches.transpose(1, 2).reshape(n * r, d))
+            return x, 1.0 / (n * r)
+        return self._with_bias(patches.mean(dim=2)), 1.0 / n
+
+    def grad_rows(self, g: Tensor) -> tuple[Tensor, float]:
+        if g.dim() == 3:
+            g = g.unsqueeze(0)
+        n = g.shape[0]
+        if self.approx == "expand":
+            return g.permute(0, 2, 3, 1).reshape(-1, self.dim_g), float(n)
+        return g.sum(dim=(2, 3)), float(n)
+
+
+def make_block(module: nn.Module, name: str, has_bias: bool, conv_approx: ConvApprox) -> Block:
+    """The block for a supported layer; ``ValueError`` for layers K-FAC cannot factor here."""
+    if isinstance(module, nn.Linear):
+        return LinearBlock(module, name, has_bias)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(
+                f"{name}: Conv2d with groups={module.groups} has no Kronecker-factored block here"
+            )
+        return Conv2dBlock(module, name, has_bias, conv_approx)
+    raise ValueError(f"{name}: unsupported layer type {type(module).__name__}")
+
+
+def is_supported(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED_LAYERS)
+

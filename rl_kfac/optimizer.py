@@ -1,0 +1,394 @@
+"""K-FAC as a ``torch.optim.Optimizer``, with ACKTR's trust-region step clip.
+
+One step is: precondition each supported layer's gradient with its damped Kronecker factors →
+scale the whole step by the trust-region factor ν → momentum → ``θ ← θ - lr · buf``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from rl_kfac.blocks import Block, ConvApprox
+from rl_kfac.capture import Record, StatisticsCapture
+from rl_kfac.curvature import Bucket, plan_buckets, symmetric_eig
+from rl_kfac.damping import DAMPING_MODES, DampingMode, pi_factor
+
+_COUNTERS = (
+    "steps",
+    "statistics_updates",
+    "inverse_updates",
+    "skipped_steps",
+    "skipped_statistics",
+    "eig_failures",
+)
+
+
+class _GroupLayout:
+    """Per parameter group: the buckets of preconditioned blocks and the plain parameters."""
+
+    def __init__(self, buckets: list[Bucket], plain: list[Tensor]) -> None:
+        self.buckets, self.plain = buckets, plain
+
+
+class KFAC(Optimizer):
+    r"""Kronecker-factored approximate curvature (Martens & Grosse 2015; Grosse & Martens 2016)
+    with the trust-region clip of ACKTR (Wu et al. 2017).
+
+    Args:
+        model_or_params: an ``nn.Module`` (its ``nn.Linear``/``nn.Conv2d`` layers are found now),
+            or an iterable of parameters / parameter groups as for any torch optimizer (the layers
+            owning them are found on the first forward pass; Stable-Baselines3 passes these).
+        lr: learning rate η (per group).
+        momentum: heavy-ball momentum applied after the clip; 0 disables it (per group).
+        stat_decay: running-average decay of A and G; the average starts at the first batch.
+        damping: Tikhonov damping λ (per group, so schedules/controllers may change it).
+        kl_clip: trust region c; the step is scaled by ``ν = min(1, sqrt(c / (η² Σ_p ⟨v_p, g_p⟩)))``
+            with ``v = F̂⁻¹ g`` (the ACKTR code's form; the paper's ``sqrt(2δ/…)`` is
+            ``kl_clip = 2δ``). ``None`` disables the clip.
+        weight_decay: L2 coefficient added to the gradient before preconditioning (per group).
+        factor_update_interval: statistics are recorded on steps ``k`` with ``k % T == 0``.
+        inverse_update_interval: factors are eigendecomposed on steps ``k`` with ``k % T == 0``.
+        damping_mode: ``"exact"`` — ``(A ⊗ G + λI)⁻¹``; ``"pi"`` — factored Tikhonov
+            ``(A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹``.
+        conv_approx: ``"expand"`` or ``"reduce"`` for ``nn.Conv2d`` (Eschenhagen et al. 2023).
+        factor_dtype: dtype of factors, eigenbases and preconditioning (float32 by default).
+
+    Parameters owned by no supported layer (e.g. a Gaussian policy's log-std, depthwise convs)
+    get the plain gradient, and that gradient counts in the trust-region clip.
+
+    Statistics are recorded only inside :meth:`record_statistics`, around the backward pass of a
+    Fisher loss: the batch *mean* negative log-likelihood of targets sampled from the model's
+    own predictive distribution.
+    """
+
+    def __init__(
+        self,
+        model_or_params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.25,
+        momentum: float = 0.9,
+        stat_decay: float = 0.99,
+        damping: float = 1e-2,
+        kl_clip: float | None = 1e-3,
+        weight_decay: float = 0.0,
+        factor_update_interval: int = 1,
+        inverse_update_interval: int = 10,
+        damping_mode: DampingMode = "exact",
+        conv_approx: ConvApprox = "expand",
+        factor_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        _check(lr > 0, f"lr must be > 0, got {lr}")
+        _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+        _check(0 <= stat_decay < 1, f"stat_decay must be in [0, 1), got {stat_decay}")
+        _check(damping > 0, f"damping must be > 0, got {damping}")
+        _check(kl_clip is None or kl_clip > 0, f"kl_clip must be > 0 or None, got {kl_clip}")
+        _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        for name, value in (
+            ("factor_update_interval", factor_update_interval),
+            ("inverse_update_interval", inverse_update_interval),
+        ):
+            _check(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value}")
+        _check(damping_mode in DAMPING_MODES, f"damping_mode must be one of {DAMPING_MODES}")
+        _check(conv_approx in ("expand", "reduce"), "conv_approx must be 'expand' or 'reduce'")
+        _check(factor_dtype.is_floating_point, f"factor_dtype must be floating, got {factor_dtype}")
+
+        model = model_or_params if isinstance(model_or_params, nn.Module) else None
+        params: Any = (
+            [p for p in model.parameters() if p.requires_grad] if model else model_or_params
+        )
+        defaults = {"lr": lr, "momentum": momentum, "damping": damping, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.stat_decay = stat_decay
+        self.kl_clip = kl_clip
+        self.factor_update_interval = factor_update_interval
+        self.inverse_update_interval = inverse_update_interval
+        self.damping_mode: DampingMode = damping_mode
+        self.conv_approx: ConvApprox = conv_approx
+        self.factor_dtype = factor_dtype
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.diagnostics: dict[str, float] = {}
+        self._capture = StatisticsCapture(conv_approx)
+        if model is not None:
+            self._capture.add_model(model)
+        else:
+            self._capture.start_discovery(p for g in self.param_groups for p in g["params"])
+        self._layout: list[_GroupLayout] | None = None
+        self._needs_eigen = False
+        self._warned: set[str] = set()
+
+    # -- statistics ---------------------------------------------------------------------------
+    @contextmanager
+    def record_statistics(self) -> Iterator[None]:
+        """Record K-FAC statistics from the backward passes run inside this context."""
+        cap = self._capture
+        cap.recording = True
+        try:
+            yield
+        finally:
+            cap.recording = False
+            records = cap.take_records()
+        self._update_factors(records)
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The layers found so far, as curvature blocks."""
+        return list(self._capture.blocks.values())
+
+    @torch.no_grad()
+    def _update_factors(self, records: list[Record]) -> None:
+        if not records:
+            return
+        dtype = self.factor_dtype
+        rows = []
+        for block, a, g in records:
+            x, sx = block.input_rows(a.to(dtype))
+            y, sy = block.grad_rows(g.to(dtype))
+            rows.append((block, x, sx, y, sy))
+        norms = torch._foreach_norm([t for r in rows for t in (r[1], r[3])])
+        if not bool(torch.stack(norms).isfinite().all()):
+            self.counters["skipped_statistics"] += 1
+            self._warn_once("stats", "non-finite K-FAC statistics were skipped (factors kept)")
+            return
+        calls = Counter(r[0] for r in rows)
+        weight_of_new: dict[Block, float] = {}
+        for block, x, sx, y, sy in rows:
+            state = self.state[block.weight]
+            if block not in weight_of_new:  # first record of this block in this update
+                fresh = "A" not in state
+                if fresh:
+                    state["A"] = x.new_zeros(block.dim_a, block.dim_a)
+                    state["G"] = y.new_zeros(block.dim_g, block.dim_g)
+                    self._needs_eigen = True
+                weight_of_new[block] = 1.0 if fresh else 1.0 - self.stat_decay
+                beta = 0.0 if fresh else self.stat_decay
+            else:
+                beta = 1.0
+            w = weight_of_new[block] / calls[block]
+            state["A"].addmm_(x.T, x, beta=beta, alpha=w * sx)
+            state["G"].addmm_(y.T, y, beta=beta, alpha=w * sy)
+        self.counters["statistics_updates"] += 1
+
+    # -- eigendecompositions and layout -------------------------------------------------------
+    def _update_eigen(self) -> None:
+        for block in self.blocks:
+            state = self.state[block.weight]
+            if "A" not in state:
+                continue
+            eig_a, eig_g = symmetric_eig(state["A"]), symmetric_eig(state["G"])
+            if eig_a is None or eig_g is None:
+                self.counters["eig_failures"] += 1
+                self._warn_once("eig", f"eigendecomposition failed for {block.name}; kept last basis")
+                continue
+            (state["eA"], state["QA"]), (state["eG"], state["QG"]) = eig_a, eig_g
+            state["pi"] = pi_factor(state["A"], state["G"])
+        self.counters["inverse_updates"] += 1
+        self._needs_eigen = False
+        self._layout = None
+
+    def _build_layout(self) -> list[_GroupLayout]:
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        ready: list[list[Block]] = [[] for _ in self.param_groups]
+        for block in self.blocks:
+            if "QA" not in self.state[block.weight]:
+                continue
+            groups = {group_of.get(id(p)) for p in block.params}
+            if len(groups) != 1 or None in groups:
+                raise ValueError(f"{block.name}: weight and bias must be in the same param group")
+            ready[groups.pop()].append(block)  # type: ignore[index]
+        layout = []
+        for group, blocks in zip(self.param_groups, ready):
+            owned = {id(p) for b in blocks for p in b.params}
+            buckets = []
+            for members in plan_buckets(blocks):
+                bucket = Bucket(members, self.factor_dtype, members[0].weight.device)
+                for i, b in enumerate(members):
+                    s = self.state[b.weight]
+                    bucket.set_eigen(i, (s["eA"], s["QA"]), (s["eG"], s["QG"]), s["pi"])
+                buckets.append(bucket)
+            plain = [p for p in group["params"] if id(p) not in owned]
+            layout.append(_GroupLayout(buckets, plain))
+        return layout
+
+    # -- the step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_setup()
+        if self._needs_eigen or self.counters["steps"] % self.inverse_update_interval == 0:
+            self._update_eigen()
+        if self._layout is None:
+            self._layout = self._build_layout()
+
+        directions, quads = [], []
+        for group, lay in zip(self.param_groups, self._layout):
+            dirs, quad = self._precondition(group, lay)
+            directions.append(dirs)
+            quads.append(quad)
+        quad_values = torch.stack(quads).tolist()  # the one host sync of a step
+        self.counters["steps"] += 1
+        self._capture.armed = self.counters["steps"] % self.factor_update_interval == 0
+        if not all(math.isfinite(q) for q in quad_values):
+            self.counters["skipped_steps"] += 1
+            self._warn_once("step", "non-finite gradient or update: K-FAC step skipped")
+            self._set_diagnostics(float("nan"), float("nan"))
+            return loss
+
+        nu = 1.0
+        if self.kl_clip is not None:
+            weighted = sum(
+                g["lr"] ** 2 * max(q, 0.0) for g, q in zip(self.param_groups, quad_values)
+            )
+            nu = min(1.0, math.sqrt(self.kl_clip / weighted)) if weighted > 0 else 1.0
+        for group, (params, dirs) in zip(self.param_groups, directions):
+            self._apply(group, params, dirs, nu)
+        self._set_diagnostics(nu, sum(quad_values))
+        return loss
+
+    def _precondition(
+        self, group: dict[str, Any], lay: _GroupLayout
+    ) -> tuple[tuple[list[Tensor], list[Tensor]], Tensor]:
+        """Preconditioned directions ``v`` (with their params) and ``Σ ⟨v, g⟩`` of one group."""
+        wd, damping = group["weight_decay"], group["damping"]
+        params: list[Tensor] = []
+        dirs: list[Tensor] = []
+        quad = torch.zeros((), dtype=self.factor_dtype, device=_device_of(group))
+        for bucket in lay.buckets:
+            _gather(bucket.grad_views, bucket.params)
+            if wd:
+                torch._foreach_add_(bucket.grad_views, bucket.params, alpha=wd)
+            update = bucket.precondition(damping, self.damping_mode)
+            quad = quad + torch.vdot(update.flatten(), bucket.grad.flatten())
+            params += bucket.params
+            dirs += bucket.update_views
+        plain = [p for p in lay.plain if p.grad is not None]
+        if plain:
+            grads = [p.grad for p in plain]
+            if wd:
+                grads = torch._foreach_add(grads, plain, alpha=wd)
+            sq = torch._foreach_norm(grads)
+            quad = quad + torch.stack(sq).to(quad.dtype).square().sum()
+            params += plain
+            dirs += grads
+        return (params, dirs), quad
+
+    def _apply(self, group: dict[str, Any], params: list[Tensor], dirs: list[Tensor],
+               nu: float) -> None:
+        lr, mom = group["lr"], group["momentum"]
+        if not params:
+            return
+        if mom == 0:
+            torch._foreach_add_(params, dirs, alpha=-lr * nu)
+            return
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        torch._foreach_mul_(bufs, mom)
+        torch._foreach_add_(bufs, dirs, alpha=nu)
+        torch._foreach_add_(params, bufs, alpha=-lr)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def _check_setup(self) -> None:
+        cap = self._capture
+        if cap.discovering and cap.blocks:
+            cap.end_discovery()
+        for message in cap.unsupported:
+            self._warn_once(message, message + "; its parameters get the plain gradient")
+        missing = [b.name for b in self.blocks if "A" not in self.state[b.weight]]
+        if missing:
+            self._warn_once(
+                "missing",
+                f"no K-FAC statistics yet for {missing}: plain gradient until "
+                "record_statistics() sees them",
+            )
+
+    def _set_diagnostics(self, nu: float, quad: float) -> None:
+        self.diagnostics = {
+            "step_scale": nu,
+            "quadratic": quad,
+            "damping": float(self.param_groups[0]["damping"]),
+            **{k: float(v) for k, v in self.counters.items()},
+        }
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def remove_hooks(self) -> None:
+        """Detach all hooks from the model (the optimizer then only takes plain-gradient steps)."""
+        self._capture.remove()
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["kfac"] = {k: torch.tensor(v) for k, v in self.counters.items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        counters = state_dict.pop("kfac", None)
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("A", "G", "QA", "eA", "QG", "eG", "pi"):
+                if key in state:
+                    state[key] = state[key].to(self.factor_dtype)
+        if counters is not None:
+            self.counters.update({k: int(v) for k, v in counters.items()})
+        self._capture.armed = self.counters["steps"] % self.factor_update_interval == 0
+        self._layout = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state.update({k: v for k, v in self.__dict__.items() if k not in state})
+        state["_layout"] = None  # buffers that view parameters: rebuilt on the next step
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+
+    def __repr__(self) -> str:
+        g = self.param_groups[0]
+        return (
+            f"KFAC(lr={g['lr']}, momentum={g['momentum']}, damping={g['damping']}, "
+            f"weight_decay={g['weight_decay']}, kl_clip={self.kl_clip}, "
+            f"stat_decay={self.stat_decay}, factor_update_interval={self.factor_update_interval}, "
+            f"inverse_update_interval={self.inverse_update_interval}, "
+            f"damping_mode={self.damping_mode!r}, conv_approx={self.conv_approx!r}, "
+            f"factor_dtype={self.factor_dtype}, blocks={len(self.blocks)})"
+        )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _device_of(group: dict[str, Any]) -> torch.device:
+    return group["params"][0].device
+
+
+def _gather(views: list[Tensor], params: list[Tensor]) -> None:
+    """Copy each parameter's gradient into its view (zero where the gradient is ``None``)."""
+    dst, src = [], []
+    for v, p in zip(views, params):
+        if p.grad is None:
+            v.zero_()
+        else:
+            dst.append(v)
+            src.append(p.grad)
+    if dst:
+        torch._foreach_copy_(dst, src)
