@@ -75,7 +75,8 @@ class StatisticsCapture:
         self.conv_approx: ConvApprox = conv_approx
         self.blocks: dict[nn.Module, Block] = {}
         self.unsupported: list[str] = []
-        self.wanted: set[int] = set()  # ids of parameters whose owning layer is still unknown
+        self._wanted_params: list[Tensor] = []  # parameters whose owning layer is still unknown
+        self.wanted: set[int] = set()  # their ids (rebuilt after a copy: ids change)
         self.armed = True
         self.recording = False
         self.records: list[Record] = []
@@ -110,11 +111,13 @@ class StatisticsCapture:
 
     def start_discovery(self, params: Iterable[Tensor]) -> None:
         """Find owners of ``params`` on the next forward passes (a temporary global hook)."""
-        self.wanted = {id(p) for p in params}
+        self._wanted_params = list(params)
+        self.wanted = {id(p) for p in self._wanted_params}
         if self._discovery is None:
             self._discovery = nn.modules.module.register_module_forward_hook(_DiscoveryHook(self))
 
     def end_discovery(self) -> None:
+        self._wanted_params, self.wanted = [], set()
         if self._discovery is not None:
             self._discovery.remove()
             self._discovery = None
@@ -138,6 +141,7 @@ class StatisticsCapture:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_discovery"] = self._discovery is not None
+        state["wanted"] = None
         state["records"] = []
         state["recording"] = False
         return state
@@ -146,5 +150,7 @@ class StatisticsCapture:
         discovering = state.pop("_discovery")
         self.__dict__.update(state)
         self._discovery = None
+        found = {id(p) for b in self.blocks.values() for p in b.params}
+        self.wanted = {id(p) for p in self._wanted_params} - found
         if discovering:
             self._discovery = nn.modules.module.register_module_forward_hook(_DiscoveryHook(self))

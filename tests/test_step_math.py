@@ -1,0 +1,281 @@
+"""One K-FAC step against dense (A ⊗ G + λI)⁻¹ g computed from independently captured activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rl_kfac import KFAC
+from tests.dense import (
+    damped_solve_exact,
+    damped_solve_pi,
+    factors_linear,
+    layer_matrix,
+    patches_by_loop,
+    with_ones,
+)
+
+pytestmark = pytest.mark.usefixtures("float64")
+LR, DAMPING = 0.3, 1e-2
+SOLVE = {"exact": damped_solve_exact, "pi": damped_solve_pi}
+
+
+def exact_opts(model_or_params, **kw):
+    base = dict(lr=LR, momentum=0.0, kl_clip=None, weight_decay=0.0, damping=DAMPING,
+                inverse_update_interval=1, factor_dtype=torch.float64)
+    base.update(kw)
+    return KFAC(model_or_params, **base)
+
+
+class MLP(nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(5, 7), nn.Linear(7, 6), nn.Linear(6, 4)
+        self.act = nn.ReLU(inplace=True) if inplace else nn.Tanh()
+
+    def forward(self, x):
+        return self.l3(torch.tanh(self.l2(self.act(self.l1(x)))))
+
+    def reference(self, x):
+        """Same function, out-of-place, returning pre-activations that retain their grad."""
+        s1 = self.l1(x)
+        h1 = torch.relu(s1) if isinstance(self.act, nn.ReLU) else torch.tanh(s1)
+        s2 = self.l2(h1)
+        s3 = self.l3(torch.tanh(s2))
+        return s3, [(x, s1), (h1, s2), (torch.tanh(s2), s3)]
+
+
+def losses(logits, targets, labels):
+    fisher = F.cross_entropy(logits, targets)
+    loss = F.cross_entropy(logits, labels) + 0.1 * logits.pow(2).mean()
+    return fisher, loss
+
+
+def kfac_step(model, opt, x, targets, labels):
+    fisher, loss = losses(model(x), targets, labels)
+    with opt.record_statistics():
+        fisher.backward(retain_graph=True)
+    opt.zero_grad()
+    loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+
+@pytest.mark.parametrize("mode", ["exact", "pi"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("by_params", [False, True])
+def test_mlp_step_equals_dense_damped_inverse(mode, inplace, by_params):
+    torch.manual_seed(0)
+    model = MLP(inplace)
+    x = torch.randn(32, 5)
+    targets, labels = torch.randint(0, 4, (32,)), torch.randint(0, 4, (32,))
+    opt = exact_opts(model.parameters() if by_params else model, damping_mode=mode)
+
+    # reference first (the step changes the weights)
+    logits, pairs = model.reference(x)
+    for _, s in pairs:
+        s.retain_grad()
+    fisher, loss = losses(logits, targets, labels)
+    fisher.backward(retain_graph=True)
+    factors = [factors_linear(a.detach(), s.grad) for a, s in pairs]
+    layers = [model.l1, model.l2, model.l3]
+    grads = torch.autograd.grad(loss, [p for m in layers for p in (m.weight, m.bias)])
+    expected = []
+    for i, (a_f, g_f) in enumerate(factors):
+        m = layer_matrix(grads[2 * i], grads[2 * i + 1])
+        expected.append(-LR * SOLVE[mode](a_f, g_f, m, DAMPING))
+    model.zero_grad()
+
+    deltas = kfac_step(model, opt, x, targets, labels)
+    for i in range(3):
+        got = layer_matrix(deltas[2 * i], deltas[2 * i + 1])
+        torch.testing.assert_close(got, expected[i], rtol=1e-7, atol=1e-10)
+
+
+def test_factors_and_running_average_start_from_first_batch():
+    torch.manual_seed(1)
+    model = MLP(False)
+    opt = exact_opts(model, stat_decay=0.7)
+    batches = [torch.randn(16, 5) for _ in range(3)]
+    expected_a = None
+    for x in batches:
+        a_new = factors_linear(x, torch.zeros(16, 7))[0]
+        expected_a = a_new if expected_a is None else 0.7 * expected_a + 0.3 * a_new
+        fisher, _ = losses(model(x), torch.randint(0, 4, (16,)), torch.zeros(16, dtype=torch.long))
+        with opt.record_statistics():
+            fisher.backward()
+    torch.testing.assert_close(opt.state[model.l1.weight]["A"], expected_a)
+
+
+def test_linear_with_leading_dims_expands_into_rows():
+    torch.manual_seed(2)
+    lin = nn.Linear(3, 2)
+    opt = exact_opts(lin)
+    x = torch.randn(4, 5, 3)  # batch 4, 5 positions sharing the weight
+    s = lin(x)
+    target = torch.randn(4, 5, 2)
+    fisher = 0.5 * (s - target).pow(2).sum(dim=(1, 2)).mean()
+    s.retain_grad()
+    with opt.record_statistics():
+        fisher.backward()
+    rows_a = with_ones(x.reshape(20, 3))
+    g = s.grad.reshape(20, 2)
+    torch.testing.assert_close(opt.state[lin.weight]["A"], rows_a.T @ rows_a / 20)
+    torch.testing.assert_close(opt.state[lin.weight]["G"], 4 * g.T @ g)
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(4, 5, 2, dilation=2, padding=1)
+        self.fc = nn.Linear(5 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+    def reference(self, x):
+        s1 = self.c1(x)
+        h1 = torch.relu(s1)
+        s2 = self.c2(h1)
+        h2 = torch.relu(s2).flatten(1)
+        s3 = self.fc(h2)
+        return s3, [(x, s1), (h1, s2), (h2, s3)]
+
+
+def conv_factors(a, s, conv, approx):
+    patches = patches_by_loop(a, conv)  # (N, R, D)
+    n, r, d = patches.shape
+    g = s.grad.flatten(2).transpose(1, 2)  # (N, R, O)
+    if approx == "expand":
+        rows = with_ones(patches.reshape(n * r, d))
+        gr = g.reshape(n * r, -1)
+        return rows.T @ rows / (n * r), n * gr.T @ gr
+    rows = with_ones(patches.mean(dim=1))
+    gs = g.sum(dim=1)
+    return rows.T @ rows / n, n * gs.T @ gs
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("mode", ["exact", "pi"])
+def test_cnn_step_equals_dense_damped_inverse(approx, mode):
+    torch.manual_seed(3)
+    model = CNN()
+    x = torch.randn(6, 3, 8, 8)
+    targets, labels = torch.randint(0, 3, (6,)), torch.randint(0, 3, (6,))
+    opt = exact_opts(model, damping_mode=mode, conv_approx=approx)
+
+    logits, pairs = model.reference(x)
+    for _, s in pairs:
+        s.retain_grad()
+    fisher, loss = losses(logits, targets, labels)
+    fisher.backward(retain_graph=True)
+    factors = [
+        conv_factors(pairs[0][0], pairs[0][1], model.c1, approx),
+        conv_factors(pairs[1][0].detach(), pairs[1][1], model.c2, approx),
+        factors_linear(pairs[2][0].detach(), pairs[2][1].grad),
+    ]
+    layers = [model.c1, model.c2, model.fc]
+    grads = torch.autograd.grad(loss, [p for m in layers for p in (m.weight, m.bias)])
+    model.zero_grad()
+
+    deltas = kfac_step(model, opt, x, targets, labels)
+    for i, (a_f, g_f) in enumerate(factors):
+        torch.testing.assert_close(opt.state[layers[i].weight]["A"], a_f)
+        torch.testing.assert_close(opt.state[layers[i].weight]["G"], g_f)
+        m = layer_matrix(grads[2 * i], grads[2 * i + 1])
+        expected = -LR * SOLVE[mode](a_f, g_f, m, DAMPING)
+        got = layer_matrix(deltas[2 * i], deltas[2 * i + 1])
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
+def test_conv_padding_modes_and_same_padding(padding_mode):
+    torch.manual_seed(4)
+    conv = nn.Conv2d(2, 3, 3, padding="same", padding_mode=padding_mode)
+    opt = exact_opts(conv)
+    x = torch.randn(2, 2, 5, 5)
+    s = conv(x)
+    s.retain_grad()
+    with opt.record_statistics():
+        (0.5 * (s - torch.randn_like(s)).pow(2).sum((1, 2, 3)).mean()).backward()
+    xp = F.pad(x, (1, 1, 1, 1), mode=padding_mode)
+    plain = nn.Conv2d(2, 3, 3, padding=0)
+    patches = patches_by_loop(xp, plain).reshape(-1, 18)
+    rows = with_ones(patches)
+    torch.testing.assert_close(opt.state[conv.weight]["A"], rows.T @ rows / rows.shape[0])
+
+
+def test_trust_region_clip_scales_the_whole_step_including_plain_params():
+    torch.manual_seed(5)
+    model = MLP(False)
+    log_scale = nn.Parameter(torch.tensor([0.3, -0.2, 0.1, 0.0]))  # owned by no layer
+    kl_clip = 1e-4
+    params = [*model.parameters(), log_scale]
+    opt = exact_opts(params, kl_clip=kl_clip)
+    x = torch.randn(32, 5)
+    targets, labels = torch.randint(0, 4, (32,)), torch.randint(0, 4, (32,))
+
+    logits, pairs = model.reference(x)
+    for _, s in pairs:
+        s.retain_grad()
+    fisher, loss = losses(logits * log_scale.exp(), targets, labels)
+    fisher.backward(retain_graph=True)
+    factors = [factors_linear(a.detach(), s.grad) for a, s in pairs]
+    layers = [model.l1, model.l2, model.l3]
+    grads = torch.autograd.grad(loss, [*[p for m in layers for p in (m.weight, m.bias)], log_scale])
+    model.zero_grad()
+    log_scale.grad = None
+    vs, quad = [], 0.0
+    for i, (a_f, g_f) in enumerate(factors):
+        m = layer_matrix(grads[2 * i], grads[2 * i + 1])
+        v = damped_solve_exact(a_f, g_f, m, DAMPING)
+        vs.append(v)
+        quad += float((v * m).sum())
+    quad += float(grads[-1].pow(2).sum())
+    nu = min(1.0, (kl_clip / (LR**2 * quad)) ** 0.5)
+    assert nu < 0.5, "the test needs an active clip"
+
+    out = model(x) * log_scale.exp()
+    fisher, loss = losses(out, targets, labels)
+    with opt.record_statistics():
+        fisher.backward(retain_graph=True)
+    opt.zero_grad()
+    loss.backward()
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    deltas = [p.detach() - b for p, b in zip(params, before)]
+    for i in range(3):
+        got = layer_matrix(deltas[2 * i], deltas[2 * i + 1])
+        torch.testing.assert_close(got, -LR * nu * vs[i], rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(deltas[-1], -LR * nu * grads[-1], rtol=1e-7, atol=1e-12)
+    assert opt.diagnostics["step_scale"] == pytest.approx(nu, rel=1e-9)
+    assert opt.diagnostics["quadratic"] == pytest.approx(quad, rel=1e-9)
+
+
+def test_momentum_and_weight_decay_follow_sgd_semantics():
+    torch.manual_seed(6)
+    lin = nn.Linear(3, 2)
+    opt = exact_opts(lin, momentum=0.5, weight_decay=0.1, inverse_update_interval=100)
+    x = torch.randn(8, 3)
+    target = torch.randn(8, 2)
+    s = lin(x)
+    with opt.record_statistics():
+        (0.5 * (s - torch.randn_like(s)).pow(2).sum(1).mean()).backward()
+    a_f = opt.state[lin.weight]["A"].clone()
+    g_f = opt.state[lin.weight]["G"].clone()
+    deltas, buf = [], None
+    for _ in range(2):
+        opt.zero_grad()
+        theta = layer_matrix(lin.weight, lin.bias).detach().clone()
+        (0.5 * (lin(x) - target).pow(2).sum(1).mean()).backward()
+        m = layer_matrix(lin.weight.grad, lin.bias.grad) + 0.1 * theta
+        v = damped_solve_exact(a_f, g_f, m, DAMPING)
+        buf = v if buf is None else 0.5 * buf + v
+        deltas.append(-LR * buf)
+        opt.step()
+        got = layer_matrix(lin.weight, lin.bias).detach() - theta
+        torch.testing.assert_close(got, deltas[-1], rtol=1e-7, atol=1e-10)
