@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -100,7 +99,7 @@ class Conv2dBlock(Block):
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             a = F.pad(a, conv._reversed_padding_repeated_twice, mode=mode)
         else:
-            padding = conv.padding  # type: ignore[assignment]
+            padding = conv.padding
         return F.unfold(
             a, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
         )
@@ -137,4 +136,3 @@ def make_block(module: nn.Module, name: str, has_bias: bool, conv_approx: ConvAp
 
 def is_supported(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_LAYERS)
-

@@ -51,7 +51,7 @@ class _ForwardHook:
 
 
 class _DiscoveryHook:
-    """Global forward hook: turns the first call of each layer owning our parameters into a block."""
+    """Global forward hook: the first call of a layer owning our parameters makes its block."""
 
     def __init__(self, capture: StatisticsCapture) -> None:
         self.capture = capture

@@ -70,13 +70,13 @@ class Bucket:
         n = len(blocks)
         self.dim_g = max(b.dim_g for b in blocks)
         self.dim_a = max(b.dim_a for b in blocks)
-        kw = {"dtype": dtype, "device": device}
-        self.q_a = torch.eye(self.dim_a, **kw).repeat(n, 1, 1)  # type: ignore[arg-type]
-        self.q_g = torch.eye(self.dim_g, **kw).repeat(n, 1, 1)  # type: ignore[arg-type]
-        self.e_a = torch.ones(n, self.dim_a, **kw)  # type: ignore[arg-type]
-        self.e_g = torch.ones(n, self.dim_g, **kw)  # type: ignore[arg-type]
-        self.pi = torch.ones(n, **kw)  # type: ignore[arg-type]
-        self.grad = torch.zeros(n, self.dim_g, self.dim_a, **kw)  # type: ignore[arg-type]
+        eye_a = torch.eye(self.dim_a, dtype=dtype, device=device)
+        eye_g = torch.eye(self.dim_g, dtype=dtype, device=device)
+        self.q_a, self.q_g = eye_a.repeat(n, 1, 1), eye_g.repeat(n, 1, 1)
+        self.e_a = eye_a.new_ones(n, self.dim_a)
+        self.e_g = eye_g.new_ones(n, self.dim_g)
+        self.pi = eye_a.new_ones(n)
+        self.grad = eye_a.new_zeros(n, self.dim_g, self.dim_a)
         self.update = torch.zeros_like(self.grad)
         self._tmp = torch.zeros_like(self.grad)
         self.params = [p for b in blocks for p in b.params]
@@ -87,8 +87,9 @@ class Bucket:
         self._den: Tensor | None = None
         self._den_key: tuple[float, str] | None = None
 
-    def set_eigen(self, i: int, eig_a: tuple[Tensor, Tensor], eig_g: tuple[Tensor, Tensor],
-                  pi: Tensor) -> None:
+    def set_eigen(
+        self, i: int, eig_a: tuple[Tensor, Tensor], eig_g: tuple[Tensor, Tensor], pi: Tensor
+    ) -> None:
         """Write block ``i``'s eigenpairs into the padded stacks (padding stays identity)."""
         (e_a, q_a), (e_g, q_g) = eig_a, eig_g
         da, dg = e_a.shape[0], e_g.shape[0]

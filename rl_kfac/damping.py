@@ -30,9 +30,7 @@ def pi_factor(a: Tensor, g: Tensor) -> Tensor:
     return ratio.sqrt()
 
 
-def denominators(
-    e_g: Tensor, e_a: Tensor, pi: Tensor, damping: float, mode: DampingMode
-) -> Tensor:
+def denominators(e_g: Tensor, e_a: Tensor, pi: Tensor, damping: float, mode: DampingMode) -> Tensor:
     """Batched ``D`` for eigenvalues ``e_g (L, dg)``, ``e_a (L, da)`` and ``pi (L,)``."""
     if mode == "exact":
         return torch.addcmul(e_g.new_tensor(damping), e_g.unsqueeze(2), e_a.unsqueeze(1))

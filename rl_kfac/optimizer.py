@@ -95,7 +95,9 @@ class KFAC(Optimizer):
             ("factor_update_interval", factor_update_interval),
             ("inverse_update_interval", inverse_update_interval),
         ):
-            _check(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value}")
+            _check(
+                isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value}"
+            )
         _check(damping_mode in DAMPING_MODES, f"damping_mode must be one of {DAMPING_MODES}")
         _check(conv_approx in ("expand", "reduce"), "conv_approx must be 'expand' or 'reduce'")
         _check(factor_dtype.is_floating_point, f"factor_dtype must be floating, got {factor_dtype}")
@@ -104,7 +106,12 @@ class KFAC(Optimizer):
         params: Any = (
             [p for p in model.parameters() if p.requires_grad] if model else model_or_params
         )
-        defaults = {"lr": lr, "momentum": momentum, "damping": damping, "weight_decay": weight_decay}
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "damping": damping,
+            "weight_decay": weight_decay,
+        }
         super().__init__(params, defaults)
         self.stat_decay = stat_decay
         self.kl_clip = kl_clip
@@ -185,7 +192,9 @@ class KFAC(Optimizer):
             eig_a, eig_g = symmetric_eig(state["A"]), symmetric_eig(state["G"])
             if eig_a is None or eig_g is None:
                 self.counters["eig_failures"] += 1
-                self._warn_once("eig", f"eigendecomposition failed for {block.name}; kept last basis")
+                self._warn_once(
+                    "eig", f"eigendecomposition failed for {block.name}; kept last basis"
+                )
                 continue
             (state["eA"], state["QA"]), (state["eG"], state["QG"]) = eig_a, eig_g
             state["pi"] = pi_factor(state["A"], state["G"])
@@ -232,8 +241,8 @@ class KFAC(Optimizer):
 
         directions, quads = [], []
         for group, lay in zip(self.param_groups, self._layout):
-            dirs, quad = self._precondition(group, lay)
-            directions.append(dirs)
+            pairs, quad = self._precondition(group, lay)
+            directions.append(pairs)
             quads.append(quad)
         quad_values = torch.stack(quads).tolist()  # the one host sync of a step
         self.counters["steps"] += 1
@@ -273,17 +282,18 @@ class KFAC(Optimizer):
             dirs += bucket.update_views
         plain = [p for p in lay.plain if p.grad is not None]
         if plain:
-            grads = [p.grad for p in plain]
+            grads: list[Tensor] = [p.grad for p in plain]  # type: ignore[misc]
             if wd:
-                grads = torch._foreach_add(grads, plain, alpha=wd)
+                grads = list(torch._foreach_add(grads, plain, alpha=wd))
             sq = torch._foreach_norm(grads)
             quad = quad + torch.stack(sq).to(quad.dtype).square().sum()
             params += plain
             dirs += grads
         return (params, dirs), quad
 
-    def _apply(self, group: dict[str, Any], params: list[Tensor], dirs: list[Tensor],
-               nu: float) -> None:
+    def _apply(
+        self, group: dict[str, Any], params: list[Tensor], dirs: list[Tensor], nu: float
+    ) -> None:
         lr, mom = group["lr"], group["momentum"]
         if not params:
             return
@@ -352,7 +362,7 @@ class KFAC(Optimizer):
         self._layout = None
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # type: ignore[misc]
+        state = super().__getstate__()
         state.update({k: v for k, v in self.__dict__.items() if k not in state})
         state["_layout"] = None  # buffers that view parameters: rebuilt on the next step
         return state

@@ -43,7 +43,12 @@ def patches_by_loop(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
     rows = []
     for i in range(ho):
         for j in range(wo):
-            patch = xp[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+            patch = xp[
+                :,
+                :,
+                i * sh : i * sh + dh * (kh - 1) + 1 : dh,
+                j * sw : j * sw + dw * (kw - 1) + 1 : dw,
+            ]
             rows.append(patch.reshape(x.shape[0], -1))
     return torch.stack(rows, dim=1)
 

@@ -74,8 +74,15 @@ def test_non_finite_statistics_are_skipped_and_factors_kept():
 def test_all_zero_and_rank_deficient_factors(mode):
     torch.manual_seed(2)
     lin = nn.Linear(4, 3, bias=False)
-    opt = KFAC(lin, lr=1.0, momentum=0.0, kl_clip=None, damping=0.1, damping_mode=mode,
-               factor_dtype=torch.float64)
+    opt = KFAC(
+        lin,
+        lr=1.0,
+        momentum=0.0,
+        kl_clip=None,
+        damping=0.1,
+        damping_mode=mode,
+        factor_dtype=torch.float64,
+    )
     s = lin(torch.zeros(5, 4))  # A = 0 and G = 0 (zero gradient at zero input)
     with opt.record_statistics():
         (0.0 * s.sum()).backward()
@@ -95,8 +102,15 @@ def test_all_zero_and_rank_deficient_factors(mode):
     torch.testing.assert_close(delta, expected)
 
     # rank one A (a single datum) against the dense damped inverse
-    opt2 = KFAC(lin, lr=1.0, momentum=0.0, kl_clip=None, damping=0.1, damping_mode="pi",
-                factor_dtype=torch.float64)
+    opt2 = KFAC(
+        lin,
+        lr=1.0,
+        momentum=0.0,
+        kl_clip=None,
+        damping=0.1,
+        damping_mode="pi",
+        factor_dtype=torch.float64,
+    )
     x1 = torch.randn(1, 4)
     s = lin(x1)
     s.retain_grad()
@@ -237,4 +251,3 @@ def test_grouped_conv_falls_back_to_plain_gradient():
     with pytest.warns(RuntimeWarning, match="groups=2"):
         opt.step()
     torch.testing.assert_close(model[0].weight.detach() - before, -0.1 * g)
-

@@ -1,4 +1,4 @@
-"""One K-FAC step against dense (A ⊗ G + λI)⁻¹ g computed from independently captured activations."""
+"""One K-FAC step against a dense (A ⊗ G + λI)⁻¹ g from independently captured activations."""
 
 from __future__ import annotations
 
@@ -23,8 +23,15 @@ SOLVE = {"exact": damped_solve_exact, "pi": damped_solve_pi}
 
 
 def exact_opts(model_or_params, **kw):
-    base = dict(lr=LR, momentum=0.0, kl_clip=None, weight_decay=0.0, damping=DAMPING,
-                inverse_update_interval=1, factor_dtype=torch.float64)
+    base = dict(
+        lr=LR,
+        momentum=0.0,
+        kl_clip=None,
+        weight_decay=0.0,
+        damping=DAMPING,
+        inverse_update_interval=1,
+        factor_dtype=torch.float64,
+    )
     base.update(kw)
     return KFAC(model_or_params, **base)
 
