@@ -145,6 +145,14 @@ class KFAC(Optimizer):
         self._update_factors(records)
 
     @property
+    def statistics_due(self) -> bool:
+        """Whether the next ``record_statistics()`` records (``factor_update_interval``).
+
+        Callers may skip building and back-propagating the Fisher loss when it is ``False``.
+        """
+        return self._capture.armed
+
+    @property
     def blocks(self) -> list[Block]:
         """The layers found so far, as curvature blocks."""
         return list(self._capture.blocks.values())
@@ -199,8 +207,18 @@ class KFAC(Optimizer):
             (state["eA"], state["QA"]), (state["eG"], state["QG"]) = eig_a, eig_g
             state["pi"] = pi_factor(state["A"], state["G"])
         self.counters["inverse_updates"] += 1
+        if self._needs_eigen:  # a layer got its first factors: the buckets change
+            self._layout = None
+        elif self._layout is not None:
+            for lay in self._layout:
+                for bucket in lay.buckets:
+                    self._load_eigen(bucket)
         self._needs_eigen = False
-        self._layout = None
+
+    def _load_eigen(self, bucket: Bucket) -> None:
+        for i, b in enumerate(bucket.blocks):
+            s = self.state[b.weight]
+            bucket.set_eigen(i, (s["eA"], s["QA"]), (s["eG"], s["QG"]), s["pi"])
 
     def _build_layout(self) -> list[_GroupLayout]:
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
@@ -218,9 +236,7 @@ class KFAC(Optimizer):
             buckets = []
             for members in plan_buckets(blocks):
                 bucket = Bucket(members, self.factor_dtype, members[0].weight.device)
-                for i, b in enumerate(members):
-                    s = self.state[b.weight]
-                    bucket.set_eigen(i, (s["eA"], s["QA"]), (s["eG"], s["QG"]), s["pi"])
+                self._load_eigen(bucket)
                 buckets.append(bucket)
             plain = [p for p in group["params"] if id(p) not in owned]
             layout.append(_GroupLayout(buckets, plain))
