@@ -89,28 +89,31 @@ class Conv2dBlock(Block):
         self.conv = module
         self.approx: ConvApprox = approx
 
-    def _patches(self, a: Tensor) -> Tensor:
-        """Unfolded input patches, ``(N, C·kh·kw, R)``."""
+    def _padded(self, a: Tensor) -> Tensor:
         conv = self.conv
         if a.dim() == 3:
             a = a.unsqueeze(0)
-        padding: tuple[int, ...] | int = 0
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or any(conv.padding):
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             a = F.pad(a, conv._reversed_padding_repeated_twice, mode=mode)
-        else:
-            padding = conv.padding
-        return F.unfold(
-            a, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
-        )
+        return a
 
     def input_rows(self, a: Tensor) -> tuple[Tensor, float]:
-        patches = self._patches(a)
-        n, d, r = patches.shape
-        if self.approx == "expand":
-            x = self._with_bias(patches.transpose(1, 2).reshape(n * r, d))
-            return x, 1.0 / (n * r)
-        return self._with_bias(patches.mean(dim=2)), 1.0 / n
+        a = self._padded(a)
+        (kh, kw), (dh, dw), (sh, sw) = self.conv.kernel_size, self.conv.dilation, self.conv.stride
+        n = a.shape[0]
+        # Strided windows are views: no im2col copy before the reduction (or the expand reshape).
+        cols = a.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # (N, C, H, Wo, kw)
+        if self.approx == "reduce":
+            # Separable: sum over output columns first, then over output rows.
+            summed = cols.sum(dim=3).unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]  # (N,C,Ho,kw,kh)
+            r = summed.shape[2] * cols.shape[3]
+            mean = summed.sum(dim=2).transpose(2, 3).reshape(n, self.dim_in) / r
+            return self._with_bias(mean), 1.0 / n
+        patches = cols.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]  # (N, C, Ho, Wo, kw, kh)
+        r = patches.shape[2] * patches.shape[3]
+        x = patches.permute(0, 2, 3, 1, 5, 4).reshape(n * r, self.dim_in)
+        return self._with_bias(x), 1.0 / (n * r)
 
     def grad_rows(self, g: Tensor) -> tuple[Tensor, float]:
         if g.dim() == 3:

@@ -29,8 +29,9 @@ class _GradHook:
         self.capture, self.block, self.inputs = capture, block, inputs
 
     def __call__(self, grad: Tensor) -> None:
-        if self.capture.recording:
-            self.capture.records.append((self.block, self.inputs, grad))
+        cap = self.capture
+        if cap.recording and (cap.only is None or self.block in cap.only):
+            cap.records.append((self.block, self.inputs, grad))
 
 
 class _ForwardHook:
@@ -48,6 +49,7 @@ class _ForwardHook:
             and isinstance(args[0], Tensor)
         ):
             output.register_hook(_GradHook(cap, self.block, args[0]))
+            cap.forward_log.append((self.block, not args[0].requires_grad))
 
 
 class _DiscoveryHook:
@@ -80,6 +82,9 @@ class StatisticsCapture:
         self.armed = True
         self.recording = False
         self.records: list[Record] = []
+        self.only: set[Block] | None = None  # restricts recording to these blocks
+        # (block, input needs no grad) per hooked forward call since the last statistics update
+        self.forward_log: list[tuple[Block, bool]] = []
         self._handles: list[RemovableHandle] = []
         self._discovery: RemovableHandle | None = None
 
@@ -143,6 +148,7 @@ class StatisticsCapture:
         state["_discovery"] = self._discovery is not None
         state["wanted"] = None
         state["records"] = []
+        state["forward_log"] = []
         state["recording"] = False
         return state
 

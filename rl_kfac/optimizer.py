@@ -141,8 +141,38 @@ class KFAC(Optimizer):
             yield
         finally:
             cap.recording = False
+            cap.forward_log.clear()
             records = cap.take_records()
         self._update_factors(records)
+
+    def fisher_backward(self, fisher_loss: Tensor, retain_graph: bool = True) -> None:
+        """Record statistics from ``fisher_loss``, back-propagating only what they need.
+
+        Same statistics as ``with opt.record_statistics(): fisher_loss.backward()``, but the
+        backward pass stops at the first supported layers and computes no weight gradients
+        (``.grad`` is left untouched), and nothing runs when ``statistics_due`` is ``False``.
+        """
+        cap = self._capture
+        if not cap.armed:
+            return
+        log, cap.forward_log = cap.forward_log, []
+        roots = list(dict.fromkeys(b.weight for b, is_root in log if is_root))
+        with self.record_statistics():
+            if roots:
+                torch.autograd.grad(fisher_loss, roots, retain_graph=True, allow_unused=True)
+            seen = {r[0] for r in cap.records}
+            missing = list(dict.fromkeys(b for b, _ in log if b not in seen))
+            if missing:  # layers behind untracked parameters: reach them through their weights
+                cap.only = set(missing)
+                try:
+                    torch.autograd.grad(
+                        fisher_loss,
+                        [b.weight for b in missing],
+                        retain_graph=retain_graph,
+                        allow_unused=True,
+                    )
+                finally:
+                    cap.only = None
 
     @property
     def statistics_due(self) -> bool:
@@ -262,6 +292,7 @@ class KFAC(Optimizer):
             quads.append(quad)
         quad_values = torch.stack(quads).tolist()  # the one host sync of a step
         self.counters["steps"] += 1
+        self._capture.forward_log.clear()
         self._capture.armed = self.counters["steps"] % self.factor_update_interval == 0
         if not all(math.isfinite(q) for q in quad_values):
             self.counters["skipped_steps"] += 1

@@ -83,8 +83,8 @@ def fisher_loss(logits: Tensor, values: Tensor) -> Tensor:
 
 def kfac_update(model: nn.Module, opt: KFAC, batch: dict[str, Tensor]) -> None:
     logits, values = model(batch["obs"])
-    with opt.record_statistics():
-        fisher_loss(logits, values).backward(retain_graph=True)
+    if opt.statistics_due:
+        opt.fisher_backward(fisher_loss(logits, values))
     opt.zero_grad()
     a2c_loss(logits, values, batch).backward()
     opt.step()

@@ -251,3 +251,64 @@ def test_grouped_conv_falls_back_to_plain_gradient():
     with pytest.warns(RuntimeWarning, match="groups=2"):
         opt.step()
     torch.testing.assert_close(model[0].weight.detach() - before, -0.1 * g)
+
+
+class TwoTrunks(nn.Module):
+    """Actor and critic trunks; the critic sits behind an untracked input scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pi = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+        self.vf = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.pi(x), self.vf(x * self.scale).squeeze(-1)
+
+
+@pytest.mark.parametrize("by_params", [False, True])
+def test_fisher_backward_equals_recorded_backward_and_leaves_grads(by_params):
+    torch.manual_seed(8)
+    x = torch.randn(16, 4)
+    sampled = torch.randint(0, 3, (16,))
+    noise = torch.randn(16)
+    factors = []
+    for fast in (False, True):
+        torch.manual_seed(9)
+        model = TwoTrunks()
+        opt = KFAC(model.parameters() if by_params else model, factor_dtype=torch.float64)
+        logits, value = model(x)
+        fisher = (
+            F.cross_entropy(logits, sampled)
+            + 0.5 * (value - (value.detach() + noise)).pow(2).mean()
+        )
+        if fast:
+            opt.fisher_backward(fisher)
+            assert all(p.grad is None for p in model.parameters())
+        else:
+            with opt.record_statistics():
+                fisher.backward()
+        factors.append(
+            {b.name: (opt.state[b.weight]["A"], opt.state[b.weight]["G"]) for b in opt.blocks}
+        )
+    slow, fast = factors
+    assert len(fast) == 4 and fast.keys() == slow.keys()
+    for name in slow:
+        torch.testing.assert_close(fast[name][0], slow[name][0])
+        torch.testing.assert_close(fast[name][1], slow[name][1])
+
+
+def test_fisher_backward_respects_factor_update_interval():
+    torch.manual_seed(10)
+    model = net()
+    opt = KFAC(model, factor_update_interval=2)
+    for _ in range(4):
+        out = model(torch.randn(8, 4))
+        due = opt.statistics_due
+        before = opt.counters["statistics_updates"]
+        opt.fisher_backward(F.cross_entropy(out, out.detach().argmax(-1)))
+        assert opt.counters["statistics_updates"] == before + int(due)
+        opt.zero_grad()
+        F.cross_entropy(out, torch.zeros(8, dtype=torch.long)).backward()
+        opt.step()
+    assert opt.counters["statistics_updates"] == 2
