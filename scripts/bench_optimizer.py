@@ -11,6 +11,7 @@ updates, and the median over blocks is reported.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rl_kfac import KFAC
+from rl_kfac import KFAC, ConvApprox
 
 
 def mlp_policy(obs_dim: int = 8, n_actions: int = 4) -> nn.Module:
@@ -97,19 +98,23 @@ def rmsprop_update(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str
     opt.step()
 
 
-def time_blocks(update: Callable[[], None], blocks: int, sync: Callable[[], None]) -> float:
-    """Median over blocks of the mean ms of 10 consecutive updates."""
-    for _ in range(10):
-        update()
-    sync()
-    samples = []
-    for _ in range(blocks):
-        start = time.perf_counter()
-        for _ in range(10):
-            update()
-        sync()
-        samples.append((time.perf_counter() - start) / 10 * 1e3)
-    return statistics.median(samples)
+def time_interleaved(
+    updates: dict[str, Callable[[], None]], blocks: int, sync: Callable[[], None]
+) -> dict[str, float]:
+    """Median over blocks of the mean ms of 10 consecutive updates, per update kind.
+
+    The kinds take turns block by block, so drift in the machine's speed hits all of them alike.
+    """
+    samples: dict[str, list[float]] = {k: [] for k in updates}
+    for i in range(blocks + 1):
+        for key, update in updates.items():
+            start = time.perf_counter()
+            for _ in range(10):
+                update()
+            sync()
+            if i > 0:  # the first block is warm-up
+                samples[key].append((time.perf_counter() - start) / 10 * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def make_batch(kind: str, n: int, device: torch.device) -> dict[str, Tensor]:
@@ -128,31 +133,43 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--blocks", type=int, default=7, help="timed blocks of 10 updates")
     parser.add_argument("--only", choices=["mlp", "cnn"])
+    parser.add_argument(
+        "--factor-update-interval", type=int, default=0,
+        help="also time K-FAC with statistics only every T steps",
+    )  # fmt: skip
     args = parser.parse_args()
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cases = [
+    intervals = [1] + ([args.factor_update_interval] if args.factor_update_interval > 1 else [])
+    cases: list[tuple[str, str, Callable[[], nn.Module], int, list[ConvApprox]]] = [
         ("mlp", "MLP 64-64 tanh, batch 320", mlp_policy, 320, ["expand"]),
         ("cnn", "Nature CNN 84x84x4, batch 640", nature_cnn_policy, 640, ["expand", "reduce"]),
     ]
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'network':32s} {'RMSprop ms':>10s} {'K-FAC ms':>10s} {'ratio':>6s}  variant")
+    print(f"{'network':32s} {'RMSprop ms':>10s} {'K-FAC ms':>10s} {'ratio':>6s}  K-FAC variant")
     for key, title, build, n, approxes in cases:
         if args.only and args.only != key:
             continue
         torch.manual_seed(0)
         batch = make_batch(key, n, device)
+        updates: dict[str, Callable[[], None]] = {}
         model = build().to(device)
         rms = torch.optim.RMSprop(model.parameters(), lr=7e-4, alpha=0.99, eps=1e-5)
-        base = time_blocks(lambda: rmsprop_update(model, rms, batch), args.blocks, sync)
+        updates["rmsprop"] = functools.partial(rmsprop_update, model, rms, batch)
         for approx in approxes:
-            model = build().to(device)
-            opt = KFAC(model, conv_approx=approx)  # type: ignore[arg-type]
-            ms = time_blocks(lambda: kfac_update(model, opt, batch), args.blocks, sync)  # noqa: B023
-            variant = f"conv_approx={approx}" if key == "cnn" else "-"
-            print(f"{title:32s} {base:10.2f} {ms:10.2f} {ms / base:6.2f}  {variant}", flush=True)
+            for interval in intervals:
+                kmodel = build().to(device)
+                opt = KFAC(kmodel, conv_approx=approx, factor_update_interval=interval)
+                label = f"stats every {interval}" + (f", conv {approx}" if key == "cnn" else "")
+                updates[label] = functools.partial(kfac_update, kmodel, opt, batch)
+        ms = time_interleaved(updates, args.blocks, sync)
+        base = ms.pop("rmsprop")
+        for label, value in ms.items():
+            print(
+                f"{title:32s} {base:10.2f} {value:10.2f} {value / base:6.2f}  {label}", flush=True
+            )
 
 
 if __name__ == "__main__":
