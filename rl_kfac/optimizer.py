@@ -37,6 +37,8 @@ class _GroupLayout:
 
     def __init__(self, buckets: list[Bucket], plain: list[Tensor]) -> None:
         self.buckets, self.plain = buckets, plain
+        self.params = [p for b in buckets for p in b.params] + plain
+        self.momentum: list[Tensor] | None = None  # buffers of ``params``, once they exist
 
 
 class KFAC(Optimizer):
@@ -128,6 +130,7 @@ class KFAC(Optimizer):
         else:
             self._capture.start_discovery(p for g in self.param_groups for p in g["params"])
         self._layout: list[_GroupLayout] | None = None
+        self._layout_blocks = 0  # number of known layers when the layout was built
         self._needs_eigen = False
         self._warned: set[str] = set()
 
@@ -284,6 +287,7 @@ class KFAC(Optimizer):
             self._update_eigen()
         if self._layout is None:
             self._layout = self._build_layout()
+            self._layout_blocks = len(self._capture.blocks)
 
         directions, quads = [], []
         for group, lay in zip(self.param_groups, self._layout):
@@ -306,8 +310,8 @@ class KFAC(Optimizer):
                 g["lr"] ** 2 * max(q, 0.0) for g, q in zip(self.param_groups, quad_values)
             )
             nu = min(1.0, math.sqrt(self.kl_clip / weighted)) if weighted > 0 else 1.0
-        for group, (params, dirs) in zip(self.param_groups, directions):
-            self._apply(group, params, dirs, nu)
+        for group, lay, (params, dirs) in zip(self.param_groups, self._layout, directions):
+            self._apply(group, lay, params, dirs, nu)
         self._set_diagnostics(nu, sum(quad_values))
         return loss
 
@@ -339,7 +343,12 @@ class KFAC(Optimizer):
         return (params, dirs), quad
 
     def _apply(
-        self, group: dict[str, Any], params: list[Tensor], dirs: list[Tensor], nu: float
+        self,
+        group: dict[str, Any],
+        lay: _GroupLayout,
+        params: list[Tensor],
+        dirs: list[Tensor],
+        nu: float,
     ) -> None:
         lr, mom = group["lr"], group["momentum"]
         if not params:
@@ -347,12 +356,17 @@ class KFAC(Optimizer):
         if mom == 0:
             torch._foreach_add_(params, dirs, alpha=-lr * nu)
             return
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            bufs.append(state["momentum_buffer"])
+        if lay.momentum is not None and len(params) == len(lay.params):
+            bufs = lay.momentum
+        else:
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            if len(params) == len(lay.params):
+                lay.momentum = bufs
         torch._foreach_mul_(bufs, mom)
         torch._foreach_add_(bufs, dirs, alpha=nu)
         torch._foreach_add_(params, bufs, alpha=-lr)
@@ -364,6 +378,9 @@ class KFAC(Optimizer):
             cap.end_discovery()
         for message in cap.unsupported:
             self._warn_once(message, message + "; its parameters get the plain gradient")
+        if self._layout is not None and self._layout_blocks == len(cap.blocks):
+            return
+        self._layout = None  # layers were found since the last layout
         missing = [b.name for b in self.blocks if "A" not in self.state[b.weight]]
         if missing:
             self._warn_once(
@@ -440,6 +457,10 @@ def _device_of(group: dict[str, Any]) -> torch.device:
 
 def _gather(views: list[Tensor], params: list[Tensor]) -> None:
     """Copy each parameter's gradient into its view (zero where the gradient is ``None``)."""
+    grads = [p.grad for p in params]
+    if all(g is not None for g in grads):  # not `None in grads`: that compares tensors
+        torch._foreach_copy_(views, grads)  # type: ignore[arg-type]
+        return
     dst, src = [], []
     for v, p in zip(views, params):
         if p.grad is None:

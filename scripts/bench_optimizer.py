@@ -77,7 +77,8 @@ def a2c_loss(logits: Tensor, values: Tensor, batch: dict[str, Tensor]) -> Tensor
 def fisher_loss(logits: Tensor, values: Tensor) -> Tensor:
     """Sampled-action NLL plus the Gauss-Newton value term (σ = 1, sampled target)."""
     with torch.no_grad():
-        sampled = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+        gumbel = -torch.empty_like(logits).exponential_().log()
+        sampled = (logits + gumbel).argmax(-1)  # Gumbel-max: a categorical sample
         target = values + torch.randn_like(values)
     return F.cross_entropy(logits, sampled) + 0.5 * F.mse_loss(values, target)
 
