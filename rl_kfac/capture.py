@@ -13,7 +13,7 @@ and pickling give a copy whose hooks feed the copied optimizer.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,15 @@ from torch.utils.hooks import RemovableHandle
 from rl_kfac.blocks import Block, ConvApprox, is_supported, make_block
 
 Record = tuple[Block, Tensor, Tensor]
+
+
+class LoggedCall(NamedTuple):
+    """One hooked forward call, kept until the next statistics update."""
+
+    block: Block
+    is_root: bool  # the layer's input needs no gradient: back-propagation can stop here
+    output: Tensor
+    version: int  # output._version at the call; a later in-place op changes it
 
 
 class _GradHook:
@@ -49,7 +58,9 @@ class _ForwardHook:
             and isinstance(args[0], Tensor)
         ):
             output.register_hook(_GradHook(cap, self.block, args[0]))
-            cap.forward_log.append((self.block, not args[0].requires_grad))
+            cap.forward_log.append(
+                LoggedCall(self.block, not args[0].requires_grad, output, output._version)
+            )
 
 
 class _DiscoveryHook:
@@ -83,8 +94,7 @@ class StatisticsCapture:
         self.recording = False
         self.records: list[Record] = []
         self.only: set[Block] | None = None  # restricts recording to these blocks
-        # (block, input needs no grad) per hooked forward call since the last statistics update
-        self.forward_log: list[tuple[Block, bool]] = []
+        self.forward_log: list[LoggedCall] = []
         self._handles: list[RemovableHandle] = []
         self._discovery: RemovableHandle | None = None
 

@@ -159,12 +159,16 @@ class KFAC(Optimizer):
         if not cap.armed:
             return
         log, cap.forward_log = cap.forward_log, []
-        roots = list(dict.fromkeys(b.weight for b, is_root in log if is_root))
+        # Stop at the outputs of the first layers; where an in-place op changed such an output
+        # since (its hook sits on the old version), go through the layer's weight instead.
+        roots = [
+            c.output if c.output._version == c.version else c.block.weight for c in log if c.is_root
+        ]
         with self.record_statistics():
             if roots:
                 torch.autograd.grad(fisher_loss, roots, retain_graph=True, allow_unused=True)
             seen = {r[0] for r in cap.records}
-            missing = list(dict.fromkeys(b for b, _ in log if b not in seen))
+            missing = list(dict.fromkeys(c.block for c in log if c.block not in seen))
             if missing:  # layers behind untracked parameters: reach them through their weights
                 cap.only = set(missing)
                 try:

@@ -256,9 +256,9 @@ def test_grouped_conv_falls_back_to_plain_gradient():
 class TwoTrunks(nn.Module):
     """Actor and critic trunks; the critic sits behind an untracked input scale."""
 
-    def __init__(self) -> None:
+    def __init__(self, inplace: bool) -> None:
         super().__init__()
-        self.pi = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+        self.pi = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=inplace), nn.Linear(5, 3))
         self.vf = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
         self.scale = nn.Parameter(torch.ones(4))
 
@@ -266,8 +266,9 @@ class TwoTrunks(nn.Module):
         return self.pi(x), self.vf(x * self.scale).squeeze(-1)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("by_params", [False, True])
-def test_fisher_backward_equals_recorded_backward_and_leaves_grads(by_params):
+def test_fisher_backward_equals_recorded_backward_and_leaves_grads(by_params, inplace):
     torch.manual_seed(8)
     x = torch.randn(16, 4)
     sampled = torch.randint(0, 3, (16,))
@@ -275,7 +276,7 @@ def test_fisher_backward_equals_recorded_backward_and_leaves_grads(by_params):
     factors = []
     for fast in (False, True):
         torch.manual_seed(9)
-        model = TwoTrunks()
+        model = TwoTrunks(inplace)
         opt = KFAC(model.parameters() if by_params else model, factor_dtype=torch.float64)
         logits, value = model(x)
         fisher = (
