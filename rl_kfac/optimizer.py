@@ -298,7 +298,8 @@ class KFAC(Optimizer):
             pairs, quad = self._precondition(group, lay)
             directions.append(pairs)
             quads.append(quad)
-        quad_values = torch.stack(quads).tolist()  # the one host sync of a step
+        device = quads[0].device
+        quad_values = torch.stack([q.to(device) for q in quads]).tolist()  # the step's one sync
         self.counters["steps"] += 1
         self._capture.forward_log.clear()
         self._capture.armed = self.counters["steps"] % self.factor_update_interval == 0
