@@ -313,3 +313,20 @@ def test_fisher_backward_respects_factor_update_interval():
         F.cross_entropy(out, torch.zeros(8, dtype=torch.long)).backward()
         opt.step()
     assert opt.counters["statistics_updates"] == 2
+
+
+def test_parameter_mode_discovers_layers_then_drops_the_global_hook():
+    from torch.nn.modules import module as module_mod
+
+    torch.manual_seed(11)
+    model = net()
+    before = len(module_mod._global_forward_hooks)
+    opt = KFAC(model.parameters())
+    assert len(module_mod._global_forward_hooks) == before + 1
+    assert opt.blocks == []
+    with torch.no_grad():
+        model(torch.randn(2, 4))  # a rollout is enough to find the layers
+    assert [b.module for b in opt.blocks] == [model[0], model[2]]
+    record_and_step(model, opt, torch.randn(8, 4))
+    assert len(module_mod._global_forward_hooks) == before
+    assert opt.counters["statistics_updates"] == 1
