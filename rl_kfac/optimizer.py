@@ -1,7 +1,7 @@
 """K-FAC as a ``torch.optim.Optimizer``, with ACKTR's trust-region step clip.
 
 One step is: precondition each supported layer's gradient with its damped Kronecker factors →
-scale the whole step by the trust-region factor ν → momentum → ``θ ← θ - lr · buf``.
+scale the whole step by the trust-region factor ν → momentum → ``θ ← θ - lr (1 - m) buf``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class KFAC(Optimizer):
             or an iterable of parameters / parameter groups as for any torch optimizer (the layers
             owning them are found on the first forward pass; Stable-Baselines3 passes these).
         lr: learning rate η (per group).
-        momentum: heavy-ball momentum applied after the clip; 0 disables it (per group).
+        momentum: momentum ``m`` applied after the clip, in the exponential-average form of
+            ACKTR's reference code: ``buf ← m·buf + ν v``, ``θ ← θ − lr (1−m) buf``, so momentum
+            smooths the clipped step instead of growing it ``1/(1−m)``-fold. 0 disables it.
         stat_decay: running-average decay of A and G; the average starts at the first batch.
         damping: Tikhonov damping λ (per group, so schedules/controllers may change it).
         kl_clip: trust region c; the step is scaled by ``ν = min(1, sqrt(c / (η² Σ_p ⟨v_p, g_p⟩)))``
@@ -374,7 +376,7 @@ class KFAC(Optimizer):
                 lay.momentum = bufs
         torch._foreach_mul_(bufs, mom)
         torch._foreach_add_(bufs, dirs, alpha=nu)
-        torch._foreach_add_(params, bufs, alpha=-lr)
+        torch._foreach_add_(params, bufs, alpha=-lr * (1.0 - mom))
 
     # -- bookkeeping --------------------------------------------------------------------------
     def _check_setup(self) -> None:

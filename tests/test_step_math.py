@@ -282,7 +282,7 @@ def test_momentum_and_weight_decay_follow_sgd_semantics():
         m = layer_matrix(lin.weight.grad, lin.bias.grad) + 0.1 * theta
         v = damped_solve_exact(a_f, g_f, m, DAMPING)
         buf = v if buf is None else 0.5 * buf + v
-        deltas.append(-LR * buf)
+        deltas.append(-LR * (1 - 0.5) * buf)  # ACKTR's EMA-form momentum: lr (1 - m) buf
         opt.step()
         got = layer_matrix(lin.weight, lin.bias).detach() - theta
         torch.testing.assert_close(got, deltas[-1], rtol=1e-7, atol=1e-10)

@@ -1,0 +1,115 @@
+"""Command lines: ``rl-kfac-train`` / ``scripts/train.py`` and ``scripts/evaluate.py``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from agents.checkpoint import load_checkpoint
+from agents.config import from_dict, load_config, parse_override
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rl-kfac-train", description="Train ACKTR from a YAML config; logs to TensorBoard."
+    )
+    parser.add_argument("--config", help="configs/<algo>/<env>.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key (repeatable)")  # fmt: skip
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--total-timesteps", type=int)
+    parser.add_argument(
+        "--log-dir", help="run directory (default runs/<env>_<algo>_s<seed>_<time>)"
+    )
+    parser.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    for key, value in (("seed", args.seed), ("device", args.device),
+                       ("total_timesteps", args.total_timesteps)):  # fmt: skip
+        if value is not None:
+            overrides.append(f"{key}={value}")
+
+    from agents.trainer import Trainer, trainer_from_checkpoint
+
+    try:
+        if args.resume:
+            extra = dict(parse_override(o) for o in overrides)
+            trainer = trainer_from_checkpoint(args.resume, extra, args.log_dir)
+        else:
+            if args.config is None:
+                raise ValueError("--config is required (or --resume CHECKPOINT)")
+            cfg = load_config(args.config, overrides)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            env = cfg.env_id.replace("/", "-")
+            run_dir = args.log_dir or f"runs/{env}_{cfg.algo}_s{cfg.seed}_{stamp}"
+            trainer = Trainer(cfg, run_dir, progress=not args.no_progress)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"run directory: {trainer.run_dir}  (tensorboard --logdir {trainer.run_dir.parent})")
+    try:
+        result = trainer.train()
+    except KeyboardInterrupt:
+        return 130
+    returns = [r for _, r, _ in result.episodes[-100:]]
+    mean = f"{np.mean(returns):.1f}" if returns else "n/a"
+    print(f"done: {result.timesteps} steps in {result.wall_time:.0f}s, last-100 return {mean}")
+    return 0
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Mean/std return of the deterministic policy.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    from agents.envs import make_vec_env
+    from agents.networks import ActorCritic
+    from agents.normalize import Normalizer
+    from agents.trainer import resolve_device
+
+    try:
+        if args.episodes <= 0:
+            raise ValueError(f"--episodes must be > 0, got {args.episodes}")
+        payload = load_checkpoint(args.checkpoint)
+        cfg = from_dict(payload["config"])
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    envs = make_vec_env(cfg.env_id, 1, "sync", cfg.frame_stack)
+    obs_space = envs.single_observation_space
+    assert obs_space.shape is not None
+    policy = ActorCritic(obs_space, envs.single_action_space, cfg.policy_spec()).to(device)
+    policy.load_state_dict(payload["policy"])
+    policy.eval()
+    norm = Normalizer(obs_space.shape, 1, cfg.gamma, cfg.normalize_obs, False)
+    norm.load_state_dict(payload["normalizer"])
+    norm.training = False
+    space = envs.single_action_space
+    returns: list[float] = []
+    obs, _ = envs.reset(seed=args.seed)
+    while len(returns) < args.episodes:
+        x = torch.as_tensor(norm.observations(obs, update=False), device=device)
+        with torch.no_grad():
+            action = policy(x)[0].mode().cpu().numpy()
+        if isinstance(space, gym.spaces.Box):
+            action = np.clip(action, space.low, space.high)
+        obs, _, _, _, info = envs.step(action)
+        final = info.get("final_info")
+        if final and "episode" in final:
+            returns += [float(r) for r in final["episode"]["r"][final["_episode"]]]
+    envs.close()
+    print(f"{cfg.env_id}: mean return {np.mean(returns):.2f} ± {np.std(returns):.2f} "
+          f"over {len(returns)} episodes ({Path(args.checkpoint).name})")  # fmt: skip
+    return 0

@@ -1,0 +1,176 @@
+"""Training configuration: one flat dataclass, loaded from YAML, overridable with ``key=value``.
+
+Defaults are the ACKTR paper / OpenAI baselines values (Wu et al. 2017): lr 0.25 with a linear
+decay to 0, kl_clip 1e-3, damping 1e-2, stat_decay 0.99, momentum 0.9, n_steps 20, ent_coef 0.01,
+vf_coef 0.5, inverse every 10 updates. n-step returns are written as GAE with ``gae_lambda = 1``
+(identical), and the value Fisher term has weight ``vf_fisher_coef = 1``. Per-environment configs
+in configs/ say where they differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agents.networks import PolicySpec
+
+
+@dataclass
+class Config:
+    algo: str = "acktr"
+    env_id: str = "CartPole-v1"
+    n_envs: int = 16
+    n_steps: int = 20
+    total_timesteps: int = 100_000
+    seed: int = 0
+    device: str = "auto"
+    vec_env: str = "sync"  # "sync" | "async"
+    frame_stack: int = 4  # Atari only
+    # returns
+    gamma: float = 0.99
+    gae_lambda: float = 1.0  # 1.0: n-step returns, as ACKTR
+    normalize_obs: bool = False
+    normalize_reward: bool = False
+    # losses
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    vf_fisher_coef: float = 1.0
+    max_grad_norm: float | None = None
+    # K-FAC
+    lr: float = 0.25
+    lr_schedule: str = "linear"  # "linear" (to 0 at total_timesteps) | "constant"
+    kl_clip: float | None = 1e-3
+    damping: float = 1e-2
+    damping_mode: str = "exact"
+    stat_decay: float = 0.99
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    factor_update_interval: int = 1
+    inverse_update_interval: int = 10
+    conv_approx: str = "expand"
+    # network
+    arch: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    activation: str = "tanh"
+    shared_trunk: bool = False
+    cnn_last_filters: int = 32
+    log_std_init: float = 0.0
+    ortho_init: bool = True
+    # bookkeeping
+    log_interval: int = 10  # updates between TensorBoard writes
+    checkpoint_interval: int = 100_000  # timesteps between periodic checkpoints
+
+    def policy_spec(self) -> PolicySpec:
+        return PolicySpec(
+            arch=self.arch,
+            hidden=tuple(self.hidden),
+            activation=self.activation,
+            shared_trunk=self.shared_trunk,
+            cnn_last_filters=self.cnn_last_filters,
+            log_std_init=self.log_std_init,
+            ortho_init=self.ortho_init,
+        )
+
+    def validate(self) -> Config:
+        """Raise ``ValueError`` with one line naming the first invalid value."""
+        positive = ("n_envs", "n_steps", "total_timesteps", "lr", "damping", "log_interval",
+                    "checkpoint_interval", "frame_stack", "factor_update_interval",
+                    "inverse_update_interval", "cnn_last_filters")  # fmt: skip
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        choices = {
+            "algo": ("acktr",),
+            "vec_env": ("sync", "async"),
+            "lr_schedule": ("linear", "constant"),
+            "damping_mode": ("exact", "pi"),
+            "conv_approx": ("expand", "reduce"),
+            "arch": ("mlp", "cnn"),
+            "activation": ("tanh", "relu"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("stat_decay", "momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("ent_coef", "vf_coef", "vf_fisher_coef", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kl_clip is not None and self.kl_clip <= 0:
+            raise ValueError(f"kl_clip must be > 0 or null, got {self.kl_clip}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if not self.hidden or any(h <= 0 for h in self.hidden):
+            raise ValueError(
+                f"hidden must be a non-empty list of positive sizes, got {self.hidden}"
+            )
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a YAML value against the field's type (ints are accepted for floats)."""
+    kind = FIELDS[name].type
+    optional = "None" in str(kind)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must not be null")
+    base = str(kind).replace(" | None", "")
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "list[int]": isinstance(value, list) and all(isinstance(v, int) for v in value),
+    }[base]
+    if not ok:
+        raise ValueError(f"{name} must be {base}, got {value!r}")
+    return float(value) if base == "float" else value
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {', '.join(FIELDS)}")
+    return Config(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (``lr=0.1``, ``hidden=[32,32]``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as err:
+            raise ValueError(f"cannot read config {path}: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"config {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config {path} must be a mapping of keys to values")
+        values.update(loaded)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return from_dict(values)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -1,0 +1,152 @@
+"""Rollout collection into storage preallocated on the device, and GAE(λ) / n-step returns.
+
+Per environment step exactly one host→device copy happens (the next observations); rewards and
+episode ends stay on the host until the rollout is complete and move in one copy. The only
+device→host copy is the actions the environments need.
+
+Time limits: when an episode is *truncated* (not terminated), its last reward is bootstrapped
+with ``γ V(final observation)`` and the return does not run into the next episode; a terminated
+episode is not bootstrapped (Pardo et al. 2018, "Time Limits in Reinforcement Learning").
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import VectorEnv
+from torch import Tensor
+
+from agents.networks import ActorCritic
+from agents.normalize import Normalizer
+
+
+def compute_gae(
+    rewards: Tensor,
+    values: Tensor,
+    episode_ends: Tensor,
+    last_values: Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[Tensor, Tensor]:
+    """Advantages and returns for ``(T, E)`` tensors; ``episode_ends[t]`` cuts after step t.
+
+    ``A_t = Σ_k (γλ)^k δ_{t+k}``, ``δ_t = r_t + γ V_{t+1} (1 - end_t) − V_t``; with λ = 1 the
+    returns ``A + V`` are the n-step bootstrapped returns.
+    """
+    steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    carry = torch.zeros_like(last_values)
+    not_end = 1.0 - episode_ends.to(rewards.dtype)
+    for t in reversed(range(steps)):
+        next_values = last_values if t == steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * next_values * not_end[t] - values[t]
+        carry = delta + gamma * gae_lambda * not_end[t] * carry
+        advantages[t] = carry
+    return advantages, advantages + values
+
+
+@dataclass
+class Batch:
+    """A rollout flattened over (time, env)."""
+
+    obs: Tensor
+    actions: Tensor
+    log_probs: Tensor
+    values: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
+
+class RolloutCollector:
+    """Steps a vector env with the current policy and returns flattened batches."""
+
+    def __init__(self, envs: VectorEnv, policy: ActorCritic, n_steps: int, gamma: float,
+                 gae_lambda: float, normalizer: Normalizer, device: torch.device,
+                 seed: int) -> None:  # fmt: skip
+        self.envs, self.policy, self.normalizer = envs, policy, normalizer
+        self.n_steps, self.gamma, self.gae_lambda, self.device = n_steps, gamma, gae_lambda, device
+        self.n_envs = envs.num_envs
+        obs_space, act_space = envs.single_observation_space, envs.single_action_space
+        assert obs_space.shape is not None
+        obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
+        self.box = act_space if isinstance(act_space, gym.spaces.Box) else None
+        t, e = n_steps, self.n_envs
+        self.obs = torch.zeros((t, e, *obs_space.shape), dtype=obs_dtype, device=device)
+        act_shape = () if self.box is None else tuple(self.box.shape)
+        act_dtype = torch.long if self.box is None else torch.float32
+        self.actions = torch.zeros((t, e, *act_shape), dtype=act_dtype, device=device)
+        self.log_probs = torch.zeros((t, e), device=device)
+        self.values = torch.zeros((t, e), device=device)
+        self.bootstrap = torch.zeros((t, e), device=device)  # V(final obs) at truncations
+        self.rewards = np.zeros((t, e), np.float32)
+        self.ends = np.zeros((t, e), np.bool_)
+        self.episode_returns: deque[float] = deque(maxlen=100)
+        self.episode_lengths: deque[int] = deque(maxlen=100)
+        self.finished: list[tuple[int, float, int]] = []  # (timestep, return, length), drained
+        self.timesteps = 0
+        raw, _ = envs.reset(seed=seed)
+        self.next_obs = self._to_device(self.normalizer.observations(raw))
+
+    def _to_device(self, obs: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(obs)).to(self.device, self.obs.dtype)
+
+    @torch.no_grad()
+    def collect(self) -> Batch:
+        self.bootstrap.zero_()
+        for t in range(self.n_steps):
+            obs = self.next_obs
+            self.obs[t] = obs
+            dist, value = self.policy(obs)
+            action = dist.sample()
+            self.actions[t] = action
+            self.log_probs[t] = dist.log_prob(action)
+            self.values[t] = value
+            env_action = action.cpu().numpy()
+            if self.box is not None:
+                env_action = np.clip(env_action, self.box.low, self.box.high)
+            raw, reward, terminated, truncated, info = self.envs.step(env_action)
+            self.timesteps += self.n_envs
+            ends = terminated | truncated
+            self._record_episodes(info)
+            self.rewards[t] = self.normalizer.rewards(reward.astype(np.float64), ends)
+            self.ends[t] = ends
+            cut = np.flatnonzero(truncated & ~terminated)
+            if cut.size:
+                final = np.stack([info["final_obs"][i] for i in cut])
+                final = self.normalizer.observations(final, update=False)
+                _, final_values = self.policy(self._to_device(final))
+                self.bootstrap[t, torch.as_tensor(cut, device=self.device)] = final_values
+            self.next_obs = self._to_device(self.normalizer.observations(raw))
+        _, last_values = self.policy(self.next_obs)
+        host = torch.from_numpy(np.stack([self.rewards, self.ends.astype(np.float32)]))
+        rewards, ends = host.to(self.device).unbind(0)
+        rewards = rewards + self.gamma * self.bootstrap
+        advantages, returns = compute_gae(
+            rewards, self.values, ends, last_values, self.gamma, self.gae_lambda
+        )
+        n = self.n_steps * self.n_envs
+        return Batch(
+            obs=self.obs.reshape(n, *self.obs.shape[2:]),
+            actions=self.actions.reshape(n, *self.actions.shape[2:]),
+            log_probs=self.log_probs.reshape(n),
+            values=self.values.reshape(n),
+            advantages=advantages.reshape(n),
+            returns=returns.reshape(n),
+        )
+
+    def _record_episodes(self, info: dict) -> None:
+        final = info.get("final_info")
+        if not final or "episode" not in final:
+            return
+        mask = final["_episode"]
+        for r, length in zip(final["episode"]["r"][mask], final["episode"]["l"][mask]):
+            self.episode_returns.append(float(r))
+            self.episode_lengths.append(int(length))
+            self.finished.append((self.timesteps, float(r), int(length)))

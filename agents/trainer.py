@@ -1,0 +1,173 @@
+"""The training loop: collect → update → log → checkpoint, with exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from agents.acktr import ACKTR
+from agents.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from agents.config import Config, from_dict, to_yaml
+from agents.envs import check_env_id, make_vec_env
+from agents.networks import ActorCritic
+from agents.normalize import Normalizer
+from agents.rollout import RolloutCollector
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    timesteps: int
+    episodes: list[tuple[int, float, int]] = field(default_factory=list)  # (step, return, len)
+    wall_time: float = 0.0
+    update_time: float = 0.0
+
+
+class Trainer:
+    """Owns envs, policy, algorithm, logger and checkpoints of one run."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: dict[str, Any] | None = None,
+                 progress: bool = True) -> None:  # fmt: skip
+        # Everything that can reject the input runs before anything is written.
+        self.cfg = cfg.validate()
+        check_env_id(cfg.env_id)
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.envs = make_vec_env(cfg.env_id, cfg.n_envs, cfg.vec_env, cfg.frame_stack)
+        obs_space = self.envs.single_observation_space
+        self.policy = ActorCritic(obs_space, self.envs.single_action_space, cfg.policy_spec())
+        self.policy.to(self.device)
+        self.algo = ACKTR(self.policy, cfg)
+        assert obs_space.shape is not None
+        self.normalizer = Normalizer(
+            obs_space.shape, cfg.n_envs, cfg.gamma, cfg.normalize_obs, cfg.normalize_reward
+        )
+        self.timesteps = self.updates = 0
+        env_seed = cfg.seed
+        if resume is not None:
+            self.policy.load_state_dict(resume["policy"])
+            self.algo.optimizer.load_state_dict(resume["optimizer"])
+            self.normalizer.load_state_dict(resume["normalizer"])
+            self.timesteps, self.updates = int(resume["timesteps"]), int(resume["updates"])
+            set_rng_state(resume["rng"])
+            env_seed = cfg.seed + self.updates  # fresh episodes, not the ones already seen
+        self.collector = RolloutCollector(
+            self.envs, self.policy, cfg.n_steps, cfg.gamma, cfg.gae_lambda, self.normalizer,
+            self.device, env_seed,
+        )  # fmt: skip
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        # purge_step drops events logged after the checkpoint by an interrupted earlier run
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.timesteps or None)
+        self.show_progress = progress and sys.stderr.isatty()
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.state_dict(),
+            "optimizer": self.algo.optimizer.state_dict(),
+            "normalizer": self.normalizer.state_dict(),
+            "timesteps": self.timesteps,
+            "updates": self.updates,
+            "rng": rng_state(),
+            "config": dataclasses.asdict(self.cfg),
+        }
+
+    def save(self, name: str = "last.pt") -> Path:
+        return save_checkpoint(self.run_dir / name, self.state())
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        result = TrainResult(self.run_dir, self.timesteps)
+        bar = tqdm(total=cfg.total_timesteps, initial=self.timesteps, unit="step",
+                   disable=not self.show_progress, dynamic_ncols=True)  # fmt: skip
+        start = time.perf_counter()
+        start_steps = self.timesteps
+        next_checkpoint = (self.timesteps // cfg.checkpoint_interval + 1) * cfg.checkpoint_interval
+        try:
+            while self.timesteps < cfg.total_timesteps:
+                batch = self.collector.collect()
+                self.timesteps += len(batch)
+                t0 = time.perf_counter()
+                stats = self.algo.update(batch, self.timesteps / cfg.total_timesteps)
+                result.update_time += time.perf_counter() - t0
+                self.updates += 1
+                for step, ret, length in self.collector.finished:
+                    result.episodes.append((start_steps + step, ret, length))
+                self.collector.finished.clear()
+                fps = (self.timesteps - start_steps) / (time.perf_counter() - start)
+                if self.updates % cfg.log_interval == 0:
+                    self._log(stats, fps)
+                bar.update(len(batch))
+                if self.collector.episode_returns:
+                    ep = float(np.mean(self.collector.episode_returns))
+                    bar.set_postfix(fps=f"{fps:.0f}", ep_rew=f"{ep:.1f}", refresh=False)
+                if self.timesteps >= next_checkpoint:
+                    self.save()
+                    next_checkpoint += cfg.checkpoint_interval
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: checkpoint saved to {self.save()}", file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+            self.writer.flush()
+        self.save()
+        self.close()
+        result.timesteps = self.timesteps
+        result.wall_time = time.perf_counter() - start
+        return result
+
+    def _log(self, stats: dict[str, float], fps: float) -> None:
+        step = self.timesteps
+        if self.collector.episode_returns:
+            self.writer.add_scalar(
+                "rollout/ep_rew_mean", np.mean(self.collector.episode_returns), step
+            )
+            self.writer.add_scalar(
+                "rollout/ep_len_mean", np.mean(self.collector.episode_lengths), step
+            )
+        self.writer.add_scalar("time/fps", fps, step)
+        for key, value in stats.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.envs.close()
+
+
+def trainer_from_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None,
+                            run_dir: str | Path | None = None) -> Trainer:  # fmt: skip
+    """Continue a run: config from the checkpoint (plus overrides, e.g. total_timesteps)."""
+    payload = load_checkpoint(path)
+    cfg = from_dict({**payload["config"], **(overrides or {})})
+    return Trainer(cfg, run_dir or Path(path).parent, resume=payload)

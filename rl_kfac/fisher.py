@@ -1,0 +1,46 @@
+"""Sampled-Fisher losses: the losses whose backward pass K-FAC records statistics from.
+
+Each is the batch *mean* negative log-likelihood of targets sampled from the model's own
+predictive distribution, with the sample detached. Its gradient at the distribution's parameters,
+times the batch size N, is a one-sample estimate whose outer product has the exact Fisher as its
+expectation (Martens & Grosse 2015, §5; ACKTR, Wu et al. 2017, §3.1):
+
+- categorical over logits z:  N ∂L/∂z_n = p_n − e_{a_n},  E[(·)(·)ᵀ] = diag(p) − p pᵀ;
+- diagonal Gaussian over its mean μ:  N ∂L/∂μ_n = −ε_n/σ,  E[(·)(·)ᵀ] = diag(1/σ²);
+- value head, Gauss-Newton (Gaussian with σ = 1):  N ∂L/∂v_n = −ε_n,  E = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sample_categorical(logits: Tensor) -> Tensor:
+    """Indices sampled from ``softmax(logits)`` (Gumbel-max: one fused pass, no multinomial)."""
+    gumbel = -torch.empty_like(logits).exponential_().log()
+    return (logits.detach() + gumbel).argmax(dim=-1)
+
+
+def categorical_fisher_loss(logits: Tensor) -> Tensor:
+    """Mean NLL of actions sampled from the policy's own categorical distribution."""
+    return F.cross_entropy(logits, sample_categorical(logits))
+
+
+def gaussian_fisher_loss(mean: Tensor, log_std: Tensor) -> Tensor:
+    """Mean NLL (summed over action dims) of actions sampled from N(mean, exp(log_std)²)."""
+    std = log_std.exp()
+    with torch.no_grad():
+        target = mean + std * torch.randn_like(mean)
+    nll = ((target - mean) / std).pow(2) / 2 + log_std + 0.5 * math.log(2 * math.pi)
+    return nll.sum(dim=-1).mean()
+
+
+def value_fisher_loss(values: Tensor) -> Tensor:
+    """Gauss-Newton term of a value head: Gaussian NLL (σ = 1) of a sampled target."""
+    with torch.no_grad():
+        target = values + torch.randn_like(values)
+    return 0.5 * F.mse_loss(values, target, reduction="sum") / values.shape[0]
