@@ -92,7 +92,8 @@ class RolloutCollector:
         self.finished: list[tuple[int, float, int]] = []  # (timestep, return, length), drained
         self.timesteps = 0
         raw, _ = envs.reset(seed=seed)
-        self.next_obs = self._to_device(self.normalizer.observations(raw))
+        # not added to the statistics: a resumed run starts from exactly the saved ones
+        self.next_obs = self._to_device(self.normalizer.observations(raw, update=False))
 
     def _to_device(self, obs: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(obs)).to(self.device, self.obs.dtype)

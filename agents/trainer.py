@@ -63,7 +63,11 @@ class Trainer:
         seed_everything(cfg.seed)
         self.envs = make_vec_env(cfg.env_id, cfg.n_envs, cfg.vec_env, cfg.frame_stack)
         obs_space = self.envs.single_observation_space
-        self.policy = ActorCritic(obs_space, self.envs.single_action_space, cfg.policy_spec())
+        try:
+            self.policy = ActorCritic(obs_space, self.envs.single_action_space, cfg.policy_spec())
+        except ValueError:
+            self.envs.close()
+            raise
         self.policy.to(self.device)
         self.algo = ACKTR(self.policy, cfg)
         assert obs_space.shape is not None

@@ -1,0 +1,174 @@
+"""Config validation, checkpoints (atomic, exact resume), the command line, a learning run."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from agents import checkpoint as ckpt
+from agents.cli import evaluate_main, train_main
+from agents.config import Config, load_config
+from agents.trainer import Trainer, trainer_from_checkpoint
+
+CARTPOLE = "configs/acktr/cartpole.yaml"
+
+
+class MultiDiscreteToy(gym.Env):
+    observation_space = gym.spaces.Box(-1, 1, (2,))
+    action_space = gym.spaces.MultiDiscrete([2, 3])
+
+    def reset(self, *, seed=None, options=None):
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(2, np.float32), 0.0, True, False, {}
+
+
+def register_multidiscrete_toy():
+    if "MultiDiscreteToy-v0" not in gym.registry:
+        gym.register("MultiDiscreteToy-v0", entry_point=MultiDiscreteToy)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["learning_rate=0.1"], "unknown config key(s) ['learning_rate']; valid keys: algo,"),
+        (["lr=0"], "lr must be > 0"),
+        (["kl_clip=-1"], "kl_clip must be > 0 or null"),
+        (["gamma=1.5"], "gamma must be in [0, 1]"),
+        (["damping_mode=levenberg"], "damping_mode must be one of"),
+        (["n_envs=2.5"], "n_envs must be int"),
+        (["hidden=[]"], "hidden must be a non-empty list"),
+        (["nonsense"], "--set expects key=value"),
+    ],
+)
+def test_config_errors_are_one_clear_line(overrides, message):
+    with pytest.raises(ValueError) as err:
+        load_config(CARTPOLE, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    paths = sorted(Path("configs/acktr").glob("*.yaml"))
+    assert len(paths) == 8
+    for path in paths:
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "env_id=NoSuchEnv-v0"], "unknown env id 'NoSuchEnv-v0'"),
+        (["--set", "env_id=MultiDiscreteToy-v0"], "unsupported action space"),
+        (["--set", "bogus=1"], "unknown config key(s) ['bogus']"),
+        (["--set", "kl_clip=0"], "kl_clip must be > 0"),
+    ],
+)
+def test_cli_rejects_bad_input_before_writing_anything(tmp_path, capsys, args, message):
+    register_multidiscrete_toy()
+    run_dir = tmp_path / "run"
+    code = train_main(["--config", CARTPOLE, "--log-dir", str(run_dir), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not run_dir.exists()
+
+
+def test_unreadable_checkpoint_is_one_line_and_nothing_is_lost(tmp_path, capsys):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert train_main(["--resume", str(bad)]) == 2
+    assert "is unreadable" in capsys.readouterr().err
+    assert bad.read_bytes() == b"not a checkpoint"
+    assert evaluate_main([str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.save_checkpoint(path, {"policy": {"w": torch.ones(2)}, "config": {}})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(path, {"policy": {"w": torch.zeros(2)}, "config": {}})
+    assert torch.equal(ckpt.load_checkpoint(path)["policy"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def small_config(**kw) -> Config:
+    base = load_config(CARTPOLE, ["n_envs=4", "n_steps=8", "total_timesteps=4000"])
+    for key, value in kw.items():
+        setattr(base, key, value)
+    return base.validate()
+
+
+def test_resume_gives_a_bit_identical_next_update(tmp_path):
+    trainer = Trainer(
+        small_config(momentum=0.9, normalize_obs=True), tmp_path / "a", progress=False
+    )
+    for _ in range(5):
+        batch = trainer.collector.collect()
+        trainer.timesteps += len(batch)
+        trainer.algo.update(batch, trainer.timesteps / 4000)
+        trainer.updates += 1
+    path = trainer.save()
+    batch = trainer.collector.collect()  # the same batch goes to both
+    rng = torch.get_rng_state()
+
+    resumed = trainer_from_checkpoint(path, run_dir=tmp_path / "b")
+    torch.set_rng_state(rng)
+    resumed.algo.update(batch, 0.5)
+    torch.set_rng_state(rng)
+    trainer.algo.update(batch, 0.5)
+    for p, q in zip(trainer.policy.parameters(), resumed.policy.parameters()):
+        assert torch.equal(p, q)
+    assert resumed.normalizer.state_dict() == ckpt.load_checkpoint(path)["normalizer"]
+    assert resumed.algo.optimizer.counters == trainer.algo.optimizer.counters
+    trainer.close()
+    resumed.close()
+
+
+def scalars(run_dir):
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return acc
+
+
+def test_train_command_logs_checkpoints_evaluates_and_resumes(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["--config", CARTPOLE, "--log-dir", str(run_dir), "--total-timesteps", "3200",
+            "--set", "log_interval=2", "--no-progress"]  # fmt: skip
+    assert train_main(args) == 0
+    assert (run_dir / "config.yaml").exists() and (run_dir / "last.pt").exists()
+    tags = set(scalars(run_dir).Tags()["scalars"])
+    expected = {
+        "rollout/ep_rew_mean", "rollout/ep_len_mean", "time/fps", "train/policy_loss",
+        "train/value_loss", "train/entropy", "train/approx_kl", "train/learning_rate",
+        "kfac/step_scale", "kfac/damping", "kfac/quadratic", "kfac/skipped_steps",
+    }  # fmt: skip
+    assert expected <= tags
+    assert evaluate_main([str(run_dir / "last.pt"), "--episodes", "2"]) == 0
+    assert "mean return" in capsys.readouterr().out
+
+    resume = ["--resume", str(run_dir / "last.pt"), "--total-timesteps", "6400", "--no-progress"]
+    assert train_main(resume) == 0
+    steps = [e.step for e in scalars(run_dir).Scalars("train/learning_rate")]
+    assert steps == sorted(steps) and steps[-1] > 3200 and steps[0] <= 3200
+    lrs = [e.value for e in scalars(run_dir).Scalars("train/learning_rate")]
+    assert lrs[-1] < lrs[0]  # the linear schedule really decays
+
+
+def test_short_seeded_run_improves(tmp_path):
+    torch.set_num_threads(1)
+    cfg = load_config(CARTPOLE, ["total_timesteps=25000", "seed=3"])
+    result = Trainer(cfg, tmp_path, progress=False).train()
+    returns = [r for _, r, _ in result.episodes]
+    first, last = np.mean(returns[:30]), np.mean(returns[-30:])
+    assert last > 3 * first and last > 100, (first, last)
