@@ -1,10 +1,11 @@
-# Two commands do all set-up on a fresh machine: `make train` and `make test`.
+# Two commands do all set-up on a fresh machine: `make train` (ACKTR on CartPole-v1, TensorBoard
+# logs in runs/) and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint bench clean
+.PHONY: venv train test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python scripts/train.py --config configs/acktr/cartpole.yaml
+	@echo "TensorBoard: $(BIN)/tensorboard --logdir runs   (then open http://localhost:6006)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

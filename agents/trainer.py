@@ -58,6 +58,12 @@ class Trainer:
                  progress: bool = True) -> None:  # fmt: skip
         # Everything that can reject the input runs before anything is written.
         self.cfg = cfg.validate()
+        run_dir = Path(run_dir)
+        if resume is None and run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(
+                f"run directory {run_dir} is not empty; pass --resume {run_dir}/last.pt "
+                "or choose another --log-dir"
+            )
         check_env_id(cfg.env_id)
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
@@ -87,7 +93,7 @@ class Trainer:
             self.envs, self.policy, cfg.n_steps, cfg.gamma, cfg.gae_lambda, self.normalizer,
             self.device, env_seed,
         )  # fmt: skip
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         # purge_step drops events logged after the checkpoint by an interrupted earlier run

@@ -172,3 +172,12 @@ def test_short_seeded_run_improves(tmp_path):
     returns = [r for _, r, _ in result.episodes]
     first, last = np.mean(returns[:30]), np.mean(returns[-30:])
     assert last > 3 * first and last > 100, (first, last)
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes(b"precious")
+    assert train_main(["--config", CARTPOLE, "--log-dir", str(run_dir)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (run_dir / "last.pt").read_bytes() == b"precious"

@@ -1,0 +1,201 @@
+"""Our ACKTR next to Stable-Baselines3 A2C (rl-zoo hyperparameters), same seeds, one run.
+
+Metric: the first timestep at which the mean return of the last 100 finished training episodes
+reaches the environment's threshold. Writes ``<out>/runs.csv`` (one row per run),
+``<out>/episodes.csv`` (every finished episode) and ``<out>/curves.png``.
+
+    python scripts/benchmark.py --env CartPole-v1 --seeds 5
+    python scripts/benchmark.py --env LunarLander-v3 --seeds 3
+    python scripts/benchmark.py --env CartPole-v1 --seeds 1 --speed   # wall time, same batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import multiprocessing as mp
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TASKS: dict[str, dict[str, Any]] = {
+    # threshold, budget, our config, SB3 A2C kwargs from rl-baselines3-zoo's a2c.yml
+    "CartPole-v1": {
+        "threshold": 475.0,
+        "timesteps": 100_000,
+        "config": "configs/acktr/cartpole.yaml",
+        "a2c": {"n_envs": 8, "kwargs": {"ent_coef": 0.0}},
+    },
+    "LunarLander-v3": {
+        "threshold": 200.0,
+        "timesteps": 500_000,
+        "config": "configs/acktr/lunarlander.yaml",
+        "a2c": {
+            "n_envs": 8,
+            "kwargs": {"gamma": 0.995, "n_steps": 5, "ent_coef": 1e-5, "learning_rate": "lin_8.3e-4"},
+        },
+    },
+}
+
+
+def first_to_threshold(episodes: list[tuple[int, float]], threshold: float) -> int | None:
+    returns = [r for _, r in episodes]
+    for i in range(100, len(returns) + 1):
+        if np.mean(returns[i - 100 : i]) >= threshold:
+            return episodes[i - 1][0]
+    return None
+
+
+def run_acktr(env: str, seed: int, timesteps: int, overrides: list[str]) -> dict[str, Any]:
+    import torch
+
+    from agents.config import load_config
+    from agents.trainer import Trainer
+
+    torch.set_num_threads(1)
+    cfg = load_config(TASKS[env]["config"], [*overrides, f"seed={seed}",
+                                             f"total_timesteps={timesteps}"])  # fmt: skip
+    start = time.perf_counter()
+    result = Trainer(cfg, f"runs/benchmark/{env}_acktr_s{seed}", progress=False).train()
+    wall = time.perf_counter() - start
+    return {"episodes": [(s, r) for s, r, _ in result.episodes], "wall": wall,
+            "update_share": result.update_time / wall}  # fmt: skip
+
+
+def run_a2c(env: str, seed: int, timesteps: int, a2c: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from stable_baselines3 import A2C
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    torch.set_num_threads(1)
+    kwargs = dict(a2c["kwargs"])
+    lr = kwargs.get("learning_rate")
+    if isinstance(lr, str) and lr.startswith("lin_"):
+        initial = float(lr[4:])
+        kwargs["learning_rate"] = lambda progress: progress * initial
+
+    class Episodes(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.episodes: list[tuple[int, float]] = []
+
+        def _on_step(self) -> bool:
+            for info in self.locals["infos"]:
+                if "episode" in info:
+                    self.episodes.append((self.num_timesteps, float(info["episode"]["r"])))
+            return True
+
+    envs = make_vec_env(env, n_envs=a2c["n_envs"], seed=seed)
+    model = A2C("MlpPolicy", envs, seed=seed, device="cpu", **kwargs)
+    callback = Episodes()
+    start = time.perf_counter()
+    model.learn(timesteps, callback=callback)
+    return {"episodes": callback.episodes, "wall": time.perf_counter() - start, "update_share": None}
+
+
+def job(args: tuple[str, str, int, int, bool]) -> dict[str, Any]:
+    algo, env, seed, timesteps, speed = args
+    task = TASKS[env]
+    if algo == "acktr":
+        out = run_acktr(env, seed, timesteps, [])
+    else:
+        a2c = task["a2c"]
+        if speed:  # same batch shape as our config: n_envs x n_steps
+            from agents.config import load_config
+
+            cfg = load_config(task["config"])
+            a2c = {"n_envs": cfg.n_envs, "kwargs": {**a2c["kwargs"], "n_steps": cfg.n_steps}}
+        out = run_a2c(env, seed, timesteps, a2c)
+    out.update(algo=algo, env=env, seed=seed)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--env", choices=sorted(TASKS), default="CartPole-v1")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--timesteps", type=int, help="default: the task's budget")
+    parser.add_argument("--algos", default="acktr,a2c")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--speed", action="store_true", help="A2C with our n_envs x n_steps")
+    parser.add_argument("--out", default="bench_results")
+    args = parser.parse_args()
+    task = TASKS[args.env]
+    timesteps = args.timesteps or task["timesteps"]
+    jobs = [(a, args.env, s, timesteps, args.speed)
+            for s in range(args.seeds) for a in args.algos.split(",")]  # fmt: skip
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        results = pool.map(job, jobs)
+
+    out = Path(args.out) / args.env
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in results:
+        eps = r["episodes"]
+        lasts = [np.mean([x for _, x in eps[max(0, i - 100) : i]]) for i in range(100, len(eps) + 1)]
+        rows.append({
+            "algo": r["algo"], "env": r["env"], "seed": r["seed"],
+            "first_to_threshold": first_to_threshold(eps, task["threshold"]),
+            "final_last100": round(float(np.mean([x for _, x in eps[-100:]])), 1),
+            "best_last100": round(float(max(lasts)), 1) if lasts else None,
+            "wall_s": round(r["wall"], 1),
+            "update_share": None if r["update_share"] is None else round(r["update_share"], 3),
+        })  # fmt: skip
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out / "episodes.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["algo", "seed", "timestep", "return"])
+        for r in results:
+            writer.writerows([r["algo"], r["seed"], s, x] for s, x in r["episodes"])
+
+    print(f"{args.env}: threshold {task['threshold']}, {timesteps} steps, seeds 0..{args.seeds - 1}")
+    print(f"{'algo':6s} {'reached':>8s} {'median first':>13s} {'final last-100':>15s} {'wall s':>7s}")
+    for algo in args.algos.split(","):
+        mine = [row for row in rows if row["algo"] == algo]
+        firsts = [row["first_to_threshold"] for row in mine]
+        reached = [f for f in firsts if f is not None]
+        # unreached runs count as "later than the budget" for the median
+        med = statistics.median([f if f is not None else float("inf") for f in firsts])
+        finals = statistics.median(row["final_last100"] for row in mine)
+        wall = statistics.median(row["wall_s"] for row in mine)
+        med_s = "never" if med == float("inf") else f"{med / 1000:.1f}k"
+        print(f"{algo:6s} {len(reached):>3d} of {len(mine):<2d} {med_s:>13s} {finals:15.1f} {wall:7.1f}")
+        print(f"       per seed: {firsts}")
+    plot(results, task["threshold"], out / "curves.png", args.env)
+    print(f"wrote {out}/runs.csv, episodes.csv, curves.png")
+
+
+def plot(results: list[dict[str, Any]], threshold: float, path: Path, env: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = {"acktr": "tab:red", "a2c": "tab:blue"}
+    for r in results:
+        eps = r["episodes"]
+        if len(eps) < 2:
+            continue
+        steps = [s for s, _ in eps]
+        rets = np.array([x for _, x in eps])
+        smooth = [rets[max(0, i - 99) : i + 1].mean() for i in range(len(rets))]
+        label = r["algo"].upper() + (" (SB3)" if r["algo"] == "a2c" else " (rl-kfac)")
+        ax.plot(steps, smooth, color=colors.get(r["algo"], "gray"), alpha=0.6, lw=1,
+                label=label if r["seed"] == 0 else None)  # fmt: skip
+    ax.axhline(threshold, color="k", ls="--", lw=0.8)
+    ax.set(xlabel="timesteps", ylabel="mean return, last 100 episodes", title=env)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
