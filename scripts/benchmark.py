@@ -35,7 +35,12 @@ TASKS: dict[str, dict[str, Any]] = {
         "config": "configs/acktr/lunarlander.yaml",
         "a2c": {
             "n_envs": 8,
-            "kwargs": {"gamma": 0.995, "n_steps": 5, "ent_coef": 1e-5, "learning_rate": "lin_8.3e-4"},
+            "kwargs": {
+                "gamma": 0.995,
+                "n_steps": 5,
+                "ent_coef": 1e-5,
+                "learning_rate": "lin_8.3e-4",
+            },
         },
     },
 }
@@ -94,7 +99,11 @@ def run_a2c(env: str, seed: int, timesteps: int, a2c: dict[str, Any]) -> dict[st
     callback = Episodes()
     start = time.perf_counter()
     model.learn(timesteps, callback=callback)
-    return {"episodes": callback.episodes, "wall": time.perf_counter() - start, "update_share": None}
+    return {
+        "episodes": callback.episodes,
+        "wall": time.perf_counter() - start,
+        "update_share": None,
+    }
 
 
 def job(args: tuple[str, str, int, int, bool]) -> dict[str, Any]:
@@ -136,7 +145,9 @@ def main() -> None:
     rows = []
     for r in results:
         eps = r["episodes"]
-        lasts = [np.mean([x for _, x in eps[max(0, i - 100) : i]]) for i in range(100, len(eps) + 1)]
+        lasts = [
+            np.mean([x for _, x in eps[max(0, i - 100) : i]]) for i in range(100, len(eps) + 1)
+        ]
         rows.append({
             "algo": r["algo"], "env": r["env"], "seed": r["seed"],
             "first_to_threshold": first_to_threshold(eps, task["threshold"]),
@@ -155,8 +166,12 @@ def main() -> None:
         for r in results:
             writer.writerows([r["algo"], r["seed"], s, x] for s, x in r["episodes"])
 
-    print(f"{args.env}: threshold {task['threshold']}, {timesteps} steps, seeds 0..{args.seeds - 1}")
-    print(f"{'algo':6s} {'reached':>8s} {'median first':>13s} {'final last-100':>15s} {'wall s':>7s}")
+    print(
+        f"{args.env}: threshold {task['threshold']}, {timesteps} steps, seeds 0..{args.seeds - 1}"
+    )
+    print(
+        f"{'algo':6s} {'reached':>8s} {'median first':>13s} {'final last-100':>15s} {'wall s':>7s}"
+    )
     for algo in args.algos.split(","):
         mine = [row for row in rows if row["algo"] == algo]
         firsts = [row["first_to_threshold"] for row in mine]
@@ -166,7 +181,9 @@ def main() -> None:
         finals = statistics.median(row["final_last100"] for row in mine)
         wall = statistics.median(row["wall_s"] for row in mine)
         med_s = "never" if med == float("inf") else f"{med / 1000:.1f}k"
-        print(f"{algo:6s} {len(reached):>3d} of {len(mine):<2d} {med_s:>13s} {finals:15.1f} {wall:7.1f}")
+        print(
+            f"{algo:6s} {len(reached):>3d} of {len(mine):<2d} {med_s:>13s} {finals:15.1f} {wall:7.1f}"
+        )
         print(f"       per seed: {firsts}")
     plot(results, task["threshold"], out / "curves.png", args.env)
     print(f"wrote {out}/runs.csv, episodes.csv, curves.png")

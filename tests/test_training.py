@@ -181,3 +181,29 @@ def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
     assert train_main(["--config", CARTPOLE, "--log-dir", str(run_dir)]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert (run_dir / "last.pt").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides"),
+    [
+        ("configs/acktr/pendulum.yaml", ["n_envs=2", "n_steps=16", "total_timesteps=96"]),
+        (
+            "configs/acktr/pong.yaml",
+            ["n_envs=2", "n_steps=4", "total_timesteps=24", "conv_approx=reduce"],
+        ),  # fmt: skip
+    ],
+)
+def test_continuous_and_atari_configs_run(tmp_path, config, overrides):
+    trainer = Trainer(load_config(config, overrides), tmp_path, progress=False)
+    space = trainer.envs.single_action_space
+    result = trainer.train()
+    assert result.timesteps >= 24
+    assert trainer.algo.optimizer.counters["statistics_updates"] >= 1
+    assert len(trainer.algo.optimizer.blocks) == (3 + 3 if "pendulum" in config else 4 + 2)
+    if "pong" in config:
+        assert trainer.collector.obs.dtype == torch.uint8
+        assert trainer.collector.obs.shape[2:] == (4, 84, 84)
+    else:
+        assert isinstance(space, gym.spaces.Box)
+        assert trainer.policy.log_std is not None
+        assert trainer.policy.log_std.grad is not None  # plain-gradient parameter in the step
