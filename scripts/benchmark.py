@@ -157,9 +157,9 @@ def main() -> None:
             "update_share": None if r["update_share"] is None else round(r["update_share"], 3),
         })  # fmt: skip
     with open(out / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        table = csv.DictWriter(f, fieldnames=list(rows[0]))
+        table.writeheader()
+        table.writerows(rows)
     with open(out / "episodes.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["algo", "seed", "timestep", "return"])
@@ -181,9 +181,8 @@ def main() -> None:
         finals = statistics.median(row["final_last100"] for row in mine)
         wall = statistics.median(row["wall_s"] for row in mine)
         med_s = "never" if med == float("inf") else f"{med / 1000:.1f}k"
-        print(
-            f"{algo:6s} {len(reached):>3d} of {len(mine):<2d} {med_s:>13s} {finals:15.1f} {wall:7.1f}"
-        )
+        n = f"{len(reached)} of {len(mine)}"
+        print(f"{algo:6s} {n:>8s} {med_s:>13s} {finals:15.1f} {wall:7.1f}")
         print(f"       per seed: {firsts}")
     plot(results, task["threshold"], out / "curves.png", args.env)
     print(f"wrote {out}/runs.csv, episodes.csv, curves.png")

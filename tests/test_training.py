@@ -190,7 +190,7 @@ def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
         (
             "configs/acktr/pong.yaml",
             ["n_envs=2", "n_steps=4", "total_timesteps=24", "conv_approx=reduce"],
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_continuous_and_atari_configs_run(tmp_path, config, overrides):
