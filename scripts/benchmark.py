@@ -15,6 +15,7 @@ import argparse
 import csv
 import multiprocessing as mp
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,11 @@ def run_acktr(env: str, seed: int, timesteps: int, overrides: list[str]) -> dict
     torch.set_num_threads(1)
     cfg = load_config(TASKS[env]["config"], [*overrides, f"seed={seed}",
                                              f"total_timesteps={timesteps}"])  # fmt: skip
+    root = Path("runs/benchmark")
+    root.mkdir(parents=True, exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix=f"{env}_acktr_s{seed}_", dir=root)  # TensorBoard logs
     start = time.perf_counter()
-    result = Trainer(cfg, f"runs/benchmark/{env}_acktr_s{seed}", progress=False).train()
+    result = Trainer(cfg, run_dir, progress=False).train()
     wall = time.perf_counter() - start
     return {"episodes": [(s, r) for s, r, _ in result.episodes], "wall": wall,
             "update_share": result.update_time / wall}  # fmt: skip
