@@ -44,7 +44,8 @@ class ACKTR:
             return self.cfg.lr * max(1.0 - progress, 0.0)
         return self.cfg.lr
 
-    def update(self, batch: Batch, progress: float) -> dict[str, float]:
+    def update(self, batch: Batch, progress: float) -> dict[str, float | torch.Tensor]:
+        """One ACKTR update; losses come back as device tensors (read them only to log)."""
         cfg, opt = self.cfg, self.optimizer
         lr = self.learning_rate(progress)
         for group in opt.param_groups:
@@ -70,10 +71,10 @@ class ACKTR:
             approx_kl = dist.detach().kl(new_dist).mean()
         diag = opt.diagnostics
         return {
-            "train/policy_loss": policy_loss.item(),
-            "train/value_loss": value_loss.item(),
-            "train/entropy": entropy.item(),
-            "train/approx_kl": approx_kl.item(),
+            "train/policy_loss": policy_loss.detach(),
+            "train/value_loss": value_loss.detach(),
+            "train/entropy": entropy.detach(),
+            "train/approx_kl": approx_kl,
             "train/learning_rate": lr,
             "kfac/step_scale": diag.get("step_scale", 1.0),
             "kfac/damping": diag.get("damping", cfg.damping),

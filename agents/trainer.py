@@ -157,7 +157,7 @@ class Trainer:
         result.wall_time = time.perf_counter() - start
         return result
 
-    def _log(self, stats: dict[str, float], fps: float) -> None:
+    def _log(self, stats: dict[str, float | torch.Tensor], fps: float) -> None:
         step = self.timesteps
         if self.collector.episode_returns:
             self.writer.add_scalar(
@@ -168,7 +168,7 @@ class Trainer:
             )
         self.writer.add_scalar("time/fps", fps, step)
         for key, value in stats.items():
-            self.writer.add_scalar(key, value, step)
+            self.writer.add_scalar(key, float(value), step)  # the only device->host read
 
     def close(self) -> None:
         self.writer.close()
