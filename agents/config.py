@@ -21,7 +21,7 @@ from agents.networks import PolicySpec
 
 @dataclass
 class Config:
-    algo: str = "acktr"
+    algo: str = "acktr"  # "acktr" | "ppo_kfac"
     env_id: str = "CartPole-v1"
     n_envs: int = 16
     n_steps: int = 20
@@ -52,6 +52,21 @@ class Config:
     factor_update_interval: int = 1
     inverse_update_interval: int = 10
     conv_approx: str = "expand"
+    # damping adaptation (rl_kfac.damping): "none", "kl" (toward damping_target_kl), "lm"
+    damping_adaptation: str = "none"
+    damping_target_kl: float = 0.01
+    damping_rate: float = 0.5
+    damping_max_factor: float = 2.0
+    damping_min: float = 1e-4
+    damping_max: float = 1.0
+    lm_omega: float = 1.5
+    # PPO-KFAC
+    n_epochs: int = 4
+    batch_size: int = 64
+    clip_range: float = 0.2
+    clip_range_vf: float | None = None
+    normalize_advantage: bool = True
+    target_kl: float | None = None  # early stop of an update's epochs
     # network
     arch: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [64, 64])
@@ -79,12 +94,14 @@ class Config:
         """Raise ``ValueError`` with one line naming the first invalid value."""
         positive = ("n_envs", "n_steps", "total_timesteps", "lr", "damping", "log_interval",
                     "checkpoint_interval", "frame_stack", "factor_update_interval",
-                    "inverse_update_interval", "cnn_last_filters")  # fmt: skip
+                    "inverse_update_interval", "cnn_last_filters", "n_epochs", "batch_size",
+                    "clip_range", "damping_target_kl", "damping_rate", "damping_min")  # fmt: skip
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         choices = {
-            "algo": ("acktr",),
+            "algo": ("acktr", "ppo_kfac"),
+            "damping_adaptation": ("none", "kl", "lm"),
             "vec_env": ("sync", "async"),
             "lr_schedule": ("linear", "constant"),
             "damping_mode": ("exact", "pi"),
@@ -108,6 +125,19 @@ class Config:
             raise ValueError(f"kl_clip must be > 0 or null, got {self.kl_clip}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if (
+            self.damping_max < self.damping_min
+            or self.damping_max_factor <= 1
+            or self.lm_omega <= 1
+        ):
+            raise ValueError(
+                "need damping_min <= damping_max, damping_max_factor > 1, lm_omega > 1"
+            )
+        if self.damping_adaptation == "lm" and (self.momentum != 0 or self.algo != "acktr"):
+            raise ValueError("damping_adaptation 'lm' needs algo acktr with momentum 0")
+        for name in ("clip_range_vf", "target_kl"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 or null, got {getattr(self, name)}")
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise ValueError(
                 f"hidden must be a non-empty list of positive sizes, got {self.hidden}"

@@ -16,12 +16,16 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from agents.acktr import ACKTR
+from agents.algorithm import KFACAlgorithm, Stats
 from agents.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from agents.config import Config, from_dict, to_yaml
 from agents.envs import check_env_id, make_vec_env
 from agents.networks import ActorCritic
 from agents.normalize import Normalizer
+from agents.ppo_kfac import PPOKFAC
 from agents.rollout import RolloutCollector
+
+ALGORITHMS: dict[str, type[KFACAlgorithm]] = {"acktr": ACKTR, "ppo_kfac": PPOKFAC}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,7 +79,7 @@ class Trainer:
             self.envs.close()
             raise
         self.policy.to(self.device)
-        self.algo = ACKTR(self.policy, cfg)
+        self.algo = ALGORITHMS[cfg.algo](self.policy, cfg)
         assert obs_space.shape is not None
         self.normalizer = Normalizer(
             obs_space.shape, cfg.n_envs, cfg.gamma, cfg.normalize_obs, cfg.normalize_reward
@@ -157,7 +161,7 @@ class Trainer:
         result.wall_time = time.perf_counter() - start
         return result
 
-    def _log(self, stats: dict[str, float | torch.Tensor], fps: float) -> None:
+    def _log(self, stats: Stats, fps: float) -> None:
         step = self.timesteps
         if self.collector.episode_returns:
             self.writer.add_scalar(

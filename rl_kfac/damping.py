@@ -11,6 +11,7 @@ With ``A = Q_A diag(e_A) Q_Aᵀ`` and ``G = Q_G diag(e_G) Q_Gᵀ``, the precondi
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -37,3 +38,67 @@ def denominators(e_g: Tensor, e_a: Tensor, pi: Tensor, damping: float, mode: Dam
     root = damping**0.5
     pi = pi.unsqueeze(1)
     return (e_g + root / pi).unsqueeze(2) * (e_a + root * pi).unsqueeze(1)
+
+
+class KLDampingController:
+    """Moves the damping λ multiplicatively toward a target KL(π_old ‖ π_new) per update.
+
+    ``λ ← clip(λ · clip((kl / target_kl)^rate, 1/max_factor, max_factor), λ_min, λ_max)``: an update
+    that overshoots the target raises λ (shorter, more curvature-dominated steps), a timid one
+    lowers it. The response is monotone in the measured KL and bounded per update and overall.
+    Reference RL implementations adapt the step size from the KL instead (e.g. PPO's adaptive
+    KL penalty, Schulman et al. 2017); here the step size stays the trust region's job.
+    """
+
+    def __init__(self, target_kl: float = 0.01, rate: float = 0.5, max_factor: float = 2.0,
+                 damping_min: float = 1e-4, damping_max: float = 1.0) -> None:  # fmt: skip
+        if target_kl <= 0 or rate <= 0 or max_factor <= 1:
+            raise ValueError("need target_kl > 0, rate > 0 and max_factor > 1")
+        if not 0 < damping_min <= damping_max:
+            raise ValueError(
+                f"need 0 < damping_min <= damping_max, got {damping_min}, {damping_max}"
+            )
+        self.target_kl, self.rate, self.max_factor = target_kl, rate, max_factor
+        self.damping_min, self.damping_max = damping_min, damping_max
+
+    def update(self, damping: float, kl: float) -> float:
+        if math.isnan(kl) or kl < 0:  # keep λ
+            return damping
+        factor = (max(kl, 1e-12) / self.target_kl) ** self.rate
+        factor = min(max(factor, 1.0 / self.max_factor), self.max_factor)
+        return min(max(damping * factor, self.damping_min), self.damping_max)
+
+    def __repr__(self) -> str:
+        return (
+            f"KLDampingController(target_kl={self.target_kl}, rate={self.rate}, "
+            f"max_factor={self.max_factor}, bounds=({self.damping_min}, {self.damping_max}))"
+        )
+
+
+class LevenbergMarquardt:
+    """Martens' (2010) rule from the reduction ratio ρ = actual / predicted loss change.
+
+    With ``v = (F̂ + λI)⁻¹ g`` and the step ``δ = -α v`` (α = lr·ν, momentum 0), the damped
+    quadratic model predicts ``M(δ) = gᵀδ + ½ δᵀ(F̂ + λI)δ = q (α²/2 − α)`` with ``q = gᵀv``.
+    ρ < 1/4: the model was too optimistic, λ ← λ·ω; ρ > 3/4: λ ← λ/ω.
+    """
+
+    def __init__(self, omega: float = 1.5, damping_min: float = 1e-4,
+                 damping_max: float = 1.0) -> None:  # fmt: skip
+        if omega <= 1 or not 0 < damping_min <= damping_max:
+            raise ValueError("need omega > 1 and 0 < damping_min <= damping_max")
+        self.omega, self.damping_min, self.damping_max = omega, damping_min, damping_max
+
+    @staticmethod
+    def predicted_change(quadratic: float, step: float) -> float:
+        return quadratic * (step * step / 2 - step)
+
+    def update(self, damping: float, actual: float, predicted: float) -> float:
+        if predicted >= 0 or math.isnan(actual):
+            return damping
+        rho = actual / predicted
+        if rho < 0.25:
+            damping *= self.omega
+        elif rho > 0.75:
+            damping /= self.omega
+        return min(max(damping, self.damping_min), self.damping_max)

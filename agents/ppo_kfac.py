@@ -1,0 +1,98 @@
+"""PPO-KFAC (Song & Wu 2018): PPO's clipped surrogate, optimised with K-FAC steps.
+
+One update, top to bottom, for ``n_epochs`` passes over shuffled minibatches:
+1. forward the minibatch; Fisher loss from actions sampled from the *current* policy + the value
+   Gauss-Newton term; K-FAC records its statistics;
+2. clipped surrogate − ent_coef · entropy + vf_coef · value loss (optionally clipped);
+3. one K-FAC step with the trust-region clip (per minibatch);
+4. optional early stop when the minibatch's approximate KL exceeds 1.5 · target_kl.
+Afterwards KL(π_old ‖ π_new) on the whole batch drives KL-based damping and is logged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from agents.algorithm import KFACAlgorithm, Stats
+from agents.rollout import Batch
+from rl_kfac.fisher import value_fisher_loss
+
+
+def clipped_surrogate(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
+                      clip_range: float) -> Tensor:  # fmt: skip
+    """``-E[min(r A, clip(r, 1-ε, 1+ε) A)]`` with ``r = exp(log π − log π_old)``."""
+    ratio = (log_probs - old_log_probs).exp()
+    clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    return -torch.min(ratio * advantages, clipped * advantages).mean()
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor,
+               clip_range_vf: float | None) -> Tensor:  # fmt: skip
+    """MSE to the returns; with ``clip_range_vf`` the PPO2 pessimistic clipped form."""
+    if clip_range_vf is None:
+        return (returns - values).pow(2).mean()
+    clipped = old_values + (values - old_values).clamp(-clip_range_vf, clip_range_vf)
+    return torch.max((returns - values).pow(2), (returns - clipped).pow(2)).mean()
+
+
+def normalize(advantages: Tensor) -> Tensor:
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+class PPOKFAC(KFACAlgorithm):
+    def update(self, batch: Batch, progress: float) -> Stats:
+        cfg, opt, policy = self.cfg, self.optimizer, self.policy
+        lr = self.set_learning_rate(progress)
+        with torch.no_grad():
+            old_dist, _ = policy(batch.obs)
+        n = len(batch)
+        size = min(cfg.batch_size, n)
+        sums = {"policy": 0.0, "value": 0.0, "entropy": 0.0}
+        steps = 0
+        stop = False
+        for _ in range(cfg.n_epochs):
+            for idx in torch.randperm(n, device=batch.obs.device).split(size):
+                dist, values = policy(batch.obs[idx])
+                if opt.statistics_due:
+                    fisher = dist.fisher_loss() + cfg.vf_fisher_coef * value_fisher_loss(values)
+                    opt.fisher_backward(fisher)
+                log_probs = dist.log_prob(batch.actions[idx])
+                adv = batch.advantages[idx]
+                adv = normalize(adv) if cfg.normalize_advantage and len(idx) > 1 else adv
+                pg = clipped_surrogate(log_probs, batch.log_probs[idx], adv, cfg.clip_range)
+                vl = value_loss(values, batch.values[idx], batch.returns[idx], cfg.clip_range_vf)
+                entropy = dist.entropy().mean()
+                loss = pg - cfg.ent_coef * entropy + cfg.vf_coef * vl
+                opt.zero_grad()
+                loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                if lr > 0:
+                    opt.step()
+                steps += 1
+                sums["policy"] += float(pg)
+                sums["value"] += float(vl)
+                sums["entropy"] += float(entropy)
+                if cfg.target_kl is not None:
+                    with torch.no_grad():
+                        log_ratio = log_probs - batch.log_probs[idx]
+                        approx = float(((log_ratio.exp() - 1) - log_ratio).mean())
+                    if approx > 1.5 * cfg.target_kl:
+                        stop = True
+                        break
+            if stop:
+                break
+        with torch.no_grad():
+            kl = old_dist.kl(policy(batch.obs)[0]).mean()
+        if self.kl_damping is not None:
+            self.set_damping(self.kl_damping.update(self.damping, float(kl)))
+        return {
+            "train/policy_loss": sums["policy"] / steps,
+            "train/value_loss": sums["value"] / steps,
+            "train/entropy": sums["entropy"] / steps,
+            "train/approx_kl": kl,
+            "train/learning_rate": lr,
+            "train/n_updates": steps,
+            **self.kfac_stats(),
+        }
