@@ -48,7 +48,7 @@ class PPOKFAC(KFACAlgorithm):
             old_dist, _ = policy(batch.obs)
         n = len(batch)
         size = min(cfg.batch_size, n)
-        sums = {"policy": 0.0, "value": 0.0, "entropy": 0.0}
+        sums: dict[str, Tensor | float] = {"policy": 0.0, "value": 0.0, "entropy": 0.0}
         steps = 0
         stop = False
         for _ in range(cfg.n_epochs):
@@ -71,9 +71,9 @@ class PPOKFAC(KFACAlgorithm):
                 if lr > 0:
                     opt.step()
                 steps += 1
-                sums["policy"] += float(pg)
-                sums["value"] += float(vl)
-                sums["entropy"] += float(entropy)
+                sums["policy"] += pg.detach()
+                sums["value"] += vl.detach()
+                sums["entropy"] += entropy.detach()
                 if cfg.target_kl is not None:
                     with torch.no_grad():
                         log_ratio = log_probs - batch.log_probs[idx]

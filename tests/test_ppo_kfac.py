@@ -1,0 +1,94 @@
+"""PPO-KFAC loss pieces by hand, the damping controllers against their specification."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from agents.config import load_config
+from agents.ppo_kfac import clipped_surrogate, normalize, value_loss
+from agents.trainer import Trainer
+from rl_kfac.damping import KLDampingController, LevenbergMarquardt
+
+
+def test_clipped_surrogate_by_hand():
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.7]))
+    adv = torch.tensor([1.0, 1.0, -2.0, -1.0])
+    # ratio 1.5, A>0: min(1.5, 1.2) = 1.2; ratio 0.5, A>0: min(0.5, 0.8) = 0.5
+    # ratio 1.1, A<0: min(-2.2, -2.2) = -2.2; ratio 0.7, A<0: min(-0.7, -0.8) = -0.8
+    expected = -(1.2 + 0.5 - 2.2 - 0.8) / 4
+    assert float(clipped_surrogate(new, old, adv, 0.2)) == pytest.approx(expected)
+
+
+def test_value_loss_plain_and_clipped_by_hand():
+    values, old, returns = (
+        torch.tensor([1.0, 3.0]),
+        torch.tensor([0.0, 2.5]),
+        torch.tensor([2.0, 2.0]),
+    )
+    assert float(value_loss(values, old, returns, None)) == pytest.approx((1 + 1) / 2)
+    # clip 0.5: first clipped value 0.5 -> max(1, 2.25); second 3.0 (inside) -> max(1, 1)
+    assert float(value_loss(values, old, returns, 0.5)) == pytest.approx((2.25 + 1) / 2)
+
+
+def test_advantage_normalisation():
+    a = normalize(torch.tensor([1.0, 2.0, 3.0, 6.0]))
+    assert float(a.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(a.std()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_kl_damping_is_monotone_bounded_and_moves_toward_the_target():
+    ctl = KLDampingController(target_kl=0.01, rate=0.5, max_factor=2.0, damping_min=1e-3,
+                              damping_max=0.1)  # fmt: skip
+    kls = np.logspace(-6, 1, 200)
+    out = [ctl.update(0.01, float(k)) for k in kls]
+    assert all(b >= a for a, b in zip(out, out[1:]))  # monotone in the measured KL
+    assert ctl.update(0.01, 0.01) == pytest.approx(0.01)  # on target: unchanged
+    assert ctl.update(0.01, 0.04) == pytest.approx(0.02)  # (4)^0.5 = 2
+    assert ctl.update(0.01, 0.0025) == pytest.approx(0.005)
+    assert ctl.update(0.01, 10.0) == pytest.approx(0.02)  # at most max_factor per update
+    assert ctl.update(0.08, 10.0) == pytest.approx(0.1)  # upper bound
+    assert ctl.update(0.0015, 1e-9) == pytest.approx(1e-3)  # lower bound
+    assert ctl.update(0.01, math.nan) == 0.01
+    with pytest.raises(ValueError):
+        KLDampingController(damping_min=1.0, damping_max=0.1)
+
+
+def test_levenberg_marquardt_rule():
+    lm = LevenbergMarquardt(omega=1.5, damping_min=1e-4, damping_max=1.0)
+    predicted = LevenbergMarquardt.predicted_change(quadratic=2.0, step=0.5)
+    assert predicted == pytest.approx(2.0 * (0.125 - 0.5))
+    assert lm.update(0.1, actual=0.9 * predicted, predicted=predicted) == pytest.approx(0.1 / 1.5)
+    assert lm.update(0.1, actual=0.5 * predicted, predicted=predicted) == pytest.approx(0.1)
+    assert lm.update(0.1, actual=-0.1 * predicted, predicted=predicted) == pytest.approx(0.15)
+    assert lm.update(0.9, actual=0.0, predicted=predicted) == pytest.approx(1.0)
+
+
+def test_damping_config_errors():
+    with pytest.raises(ValueError, match="damping_adaptation 'lm' needs algo acktr"):
+        load_config("configs/ppo_kfac/cartpole.yaml", ["damping_adaptation=lm"])
+    with pytest.raises(ValueError, match="damping_adaptation must be one of"):
+        load_config("configs/ppo_kfac/cartpole.yaml", ["damping_adaptation=adam"])
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides"),
+    [
+        ("configs/ppo_kfac/cartpole.yaml", ["seed=1"]),
+        ("configs/acktr/cartpole.yaml", ["damping_adaptation=lm", "seed=1"]),
+    ],
+)
+def test_short_seeded_runs_improve_and_adapt_damping(tmp_path, config, overrides):
+    torch.set_num_threads(1)
+    cfg = load_config(config, ["total_timesteps=25000", *overrides])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    result = trainer.train()
+    returns = [r for _, r, _ in result.episodes]
+    first, last = np.mean(returns[:30]), np.mean(returns[-30:])
+    assert last > 3 * first and last > 100, (first, last)
+    assert trainer.algo.damping != cfg.damping  # the controller moved it
+    assert cfg.damping_min <= trainer.algo.damping <= cfg.damping_max
