@@ -1,4 +1,7 @@
-"""Our ACKTR next to Stable-Baselines3 A2C (rl-zoo hyperparameters), same seeds, one run.
+"""Our agents next to Stable-Baselines3 (rl-zoo hyperparameters), same seeds, one run.
+
+``--algos acktr,a2c`` (default) compares our ACKTR with SB3 A2C; ``--algos ppo_kfac,ppo`` our
+PPO-KFAC with SB3 PPO.
 
 Metric: the first timestep at which the mean return of the last 100 finished training episodes
 reaches the environment's threshold. Writes ``<out>/runs.csv`` (one row per run),
@@ -6,6 +9,7 @@ reaches the environment's threshold. Writes ``<out>/runs.csv`` (one row per run)
 
     python scripts/benchmark.py --env CartPole-v1 --seeds 5
     python scripts/benchmark.py --env LunarLander-v3 --seeds 3
+    python scripts/benchmark.py --env CartPole-v1 --seeds 5 --algos ppo_kfac,ppo
     python scripts/benchmark.py --env CartPole-v1 --seeds 1 --speed   # wall time, same batch
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import multiprocessing as mp
 import statistics
 import tempfile
@@ -23,12 +28,26 @@ from typing import Any
 import numpy as np
 
 TASKS: dict[str, dict[str, Any]] = {
-    # threshold, budget, our config, SB3 A2C kwargs from rl-baselines3-zoo's a2c.yml
+    # threshold, budget, our configs, SB3 kwargs from rl-baselines3-zoo's a2c.yml / ppo.yml
     "CartPole-v1": {
         "threshold": 475.0,
         "timesteps": 100_000,
         "config": "configs/acktr/cartpole.yaml",
+        "ppo_kfac_config": "configs/ppo_kfac/cartpole.yaml",
         "a2c": {"n_envs": 8, "kwargs": {"ent_coef": 0.0}},
+        "ppo": {
+            "n_envs": 8,
+            "kwargs": {
+                "n_steps": 32,
+                "batch_size": 256,
+                "gae_lambda": 0.8,
+                "gamma": 0.98,
+                "n_epochs": 20,
+                "ent_coef": 0.0,
+                "learning_rate": "lin_1e-3",
+                "clip_range": "lin_0.2",
+            },
+        },
     },
     "LunarLander-v3": {
         "threshold": 200.0,
@@ -43,6 +62,17 @@ TASKS: dict[str, dict[str, Any]] = {
                 "learning_rate": "lin_8.3e-4",
             },
         },
+        "ppo": {
+            "n_envs": 16,
+            "kwargs": {
+                "n_steps": 1024,
+                "batch_size": 64,
+                "gae_lambda": 0.98,
+                "gamma": 0.999,
+                "n_epochs": 4,
+                "ent_coef": 0.01,
+            },
+        },
     },
 }
 
@@ -55,18 +85,18 @@ def first_to_threshold(episodes: list[tuple[int, float]], threshold: float) -> i
     return None
 
 
-def run_acktr(env: str, seed: int, timesteps: int, overrides: list[str]) -> dict[str, Any]:
+def run_ours(algo: str, env: str, seed: int, timesteps: int) -> dict[str, Any]:
     import torch
 
     from agents.config import load_config
     from agents.trainer import Trainer
 
     torch.set_num_threads(1)
-    cfg = load_config(TASKS[env]["config"], [*overrides, f"seed={seed}",
-                                             f"total_timesteps={timesteps}"])  # fmt: skip
+    config = TASKS[env]["config" if algo == "acktr" else "ppo_kfac_config"]
+    cfg = load_config(config, [f"seed={seed}", f"total_timesteps={timesteps}"])
     root = Path("runs/benchmark")
     root.mkdir(parents=True, exist_ok=True)
-    run_dir = tempfile.mkdtemp(prefix=f"{env}_acktr_s{seed}_", dir=root)  # TensorBoard logs
+    run_dir = tempfile.mkdtemp(prefix=f"{env}_{algo}_s{seed}_", dir=root)  # TensorBoard logs
     start = time.perf_counter()
     result = Trainer(cfg, run_dir, progress=False).train()
     wall = time.perf_counter() - start
@@ -74,18 +104,18 @@ def run_acktr(env: str, seed: int, timesteps: int, overrides: list[str]) -> dict
             "update_share": result.update_time / wall}  # fmt: skip
 
 
-def run_a2c(env: str, seed: int, timesteps: int, a2c: dict[str, Any]) -> dict[str, Any]:
+def run_sb3(algo: str, env: str, seed: int, timesteps: int, spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from stable_baselines3 import A2C
+    from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
 
     torch.set_num_threads(1)
-    kwargs = dict(a2c["kwargs"])
-    lr = kwargs.get("learning_rate")
-    if isinstance(lr, str) and lr.startswith("lin_"):
-        initial = float(lr[4:])
-        kwargs["learning_rate"] = lambda progress: progress * initial
+    kwargs = dict(spec["kwargs"])
+    for key in ("learning_rate", "clip_range"):  # rl-zoo's "lin_<value>": linear decay to 0
+        value = kwargs.get(key)
+        if isinstance(value, str) and value.startswith("lin_"):
+            kwargs[key] = functools.partial(_linear, float(value[4:]))
 
     class Episodes(BaseCallback):
         def __init__(self) -> None:
@@ -98,8 +128,9 @@ def run_a2c(env: str, seed: int, timesteps: int, a2c: dict[str, Any]) -> dict[st
                     self.episodes.append((self.num_timesteps, float(info["episode"]["r"])))
             return True
 
-    envs = make_vec_env(env, n_envs=a2c["n_envs"], seed=seed)
-    model = A2C("MlpPolicy", envs, seed=seed, device="cpu", **kwargs)
+    envs = make_vec_env(env, n_envs=spec["n_envs"], seed=seed)
+    cls = A2C if algo == "a2c" else PPO
+    model = cls("MlpPolicy", envs, seed=seed, device="cpu", **kwargs)
     callback = Episodes()
     start = time.perf_counter()
     model.learn(timesteps, callback=callback)
@@ -110,19 +141,23 @@ def run_a2c(env: str, seed: int, timesteps: int, a2c: dict[str, Any]) -> dict[st
     }
 
 
+def _linear(initial: float, progress_remaining: float) -> float:
+    return progress_remaining * initial
+
+
 def job(args: tuple[str, str, int, int, bool]) -> dict[str, Any]:
     algo, env, seed, timesteps, speed = args
     task = TASKS[env]
-    if algo == "acktr":
-        out = run_acktr(env, seed, timesteps, [])
+    if algo in ("acktr", "ppo_kfac"):
+        out = run_ours(algo, env, seed, timesteps)
     else:
-        a2c = task["a2c"]
+        spec = task[algo]
         if speed:  # same batch shape as our config: n_envs x n_steps
             from agents.config import load_config
 
-            cfg = load_config(task["config"])
-            a2c = {"n_envs": cfg.n_envs, "kwargs": {**a2c["kwargs"], "n_steps": cfg.n_steps}}
-        out = run_a2c(env, seed, timesteps, a2c)
+            cfg = load_config(task["config" if algo == "a2c" else "ppo_kfac_config"])
+            spec = {"n_envs": cfg.n_envs, "kwargs": {**spec["kwargs"], "n_steps": cfg.n_steps}}
+        out = run_sb3(algo, env, seed, timesteps, spec)
     out.update(algo=algo, env=env, seed=seed)
     return out
 
@@ -199,7 +234,9 @@ def plot(results: list[dict[str, Any]], threshold: float, path: Path, env: str) 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    colors = {"acktr": "tab:red", "a2c": "tab:blue"}
+    colors = {"acktr": "tab:red", "a2c": "tab:blue", "ppo_kfac": "tab:orange", "ppo": "tab:green"}
+    names = {"acktr": "ACKTR (rl-kfac)", "ppo_kfac": "PPO-KFAC (rl-kfac)", "a2c": "A2C (SB3)",
+             "ppo": "PPO (SB3)"}  # fmt: skip
     for r in results:
         eps = r["episodes"]
         if len(eps) < 2:
@@ -207,7 +244,7 @@ def plot(results: list[dict[str, Any]], threshold: float, path: Path, env: str) 
         steps = [s for s, _ in eps]
         rets = np.array([x for _, x in eps])
         smooth = [rets[max(0, i - 99) : i + 1].mean() for i in range(len(rets))]
-        label = r["algo"].upper() + (" (SB3)" if r["algo"] == "a2c" else " (rl-kfac)")
+        label = names.get(r["algo"], r["algo"])
         ax.plot(steps, smooth, color=colors.get(r["algo"], "gray"), alpha=0.6, lw=1,
                 label=label if r["seed"] == 0 else None)  # fmt: skip
     ax.axhline(threshold, color="k", ls="--", lw=0.8)

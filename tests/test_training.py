@@ -54,8 +54,8 @@ def test_config_errors_are_one_clear_line(overrides, message):
 def test_every_shipped_config_is_valid():
     from pathlib import Path
 
-    paths = sorted(Path("configs/acktr").glob("*.yaml"))
-    assert len(paths) == 8
+    paths = sorted(Path("configs").glob("*/*.yaml"))
+    assert len(paths) == 16  # acktr and ppo_kfac, 8 environments each
     for path in paths:
         load_config(path)
 
@@ -187,6 +187,7 @@ def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
     ("config", "overrides"),
     [
         ("configs/acktr/pendulum.yaml", ["n_envs=2", "n_steps=16", "total_timesteps=96"]),
+        ("configs/ppo_kfac/pendulum.yaml", ["n_envs=2", "n_steps=16", "total_timesteps=96"]),
         (
             "configs/acktr/pong.yaml",
             ["n_envs=2", "n_steps=4", "total_timesteps=24", "conv_approx=reduce"],
