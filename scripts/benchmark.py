@@ -85,7 +85,9 @@ def first_to_threshold(episodes: list[tuple[int, float]], threshold: float) -> i
     return None
 
 
-def run_ours(algo: str, env: str, seed: int, timesteps: int) -> dict[str, Any]:
+def run_ours(
+    algo: str, env: str, seed: int, timesteps: int, overrides: list[str]
+) -> dict[str, Any]:
     import torch
 
     from agents.config import load_config
@@ -93,7 +95,7 @@ def run_ours(algo: str, env: str, seed: int, timesteps: int) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     config = TASKS[env]["config" if algo == "acktr" else "ppo_kfac_config"]
-    cfg = load_config(config, [f"seed={seed}", f"total_timesteps={timesteps}"])
+    cfg = load_config(config, [*overrides, f"seed={seed}", f"total_timesteps={timesteps}"])
     root = Path("runs/benchmark")
     root.mkdir(parents=True, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix=f"{env}_{algo}_s{seed}_", dir=root)  # TensorBoard logs
@@ -145,11 +147,11 @@ def _linear(initial: float, progress_remaining: float) -> float:
     return progress_remaining * initial
 
 
-def job(args: tuple[str, str, int, int, bool]) -> dict[str, Any]:
-    algo, env, seed, timesteps, speed = args
+def job(args: tuple[str, str, int, int, bool, list[str]]) -> dict[str, Any]:
+    algo, env, seed, timesteps, speed, overrides = args
     task = TASKS[env]
     if algo in ("acktr", "ppo_kfac"):
-        out = run_ours(algo, env, seed, timesteps)
+        out = run_ours(algo, env, seed, timesteps, overrides)
     else:
         spec = task[algo]
         if speed:  # same batch shape as our config: n_envs x n_steps
@@ -170,16 +172,24 @@ def main() -> None:
     parser.add_argument("--algos", default="acktr,a2c")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--speed", action="store_true", help="A2C with our n_envs x n_steps")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override our agents' config (repeatable)",
+    )
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     task = TASKS[args.env]
     timesteps = args.timesteps or task["timesteps"]
-    jobs = [(a, args.env, s, timesteps, args.speed)
+    jobs = [(a, args.env, s, timesteps, args.speed, args.overrides)
             for s in range(args.seeds) for a in args.algos.split(",")]  # fmt: skip
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(job, jobs)
 
-    out = Path(args.out) / args.env
+    out = Path(args.out) / args.env / "_".join([*args.algos.split(","), *args.overrides])
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for r in results:
@@ -205,8 +215,9 @@ def main() -> None:
         for r in results:
             writer.writerows([r["algo"], r["seed"], s, x] for s, x in r["episodes"])
 
+    ours = f", ours with {' '.join(args.overrides)}" if args.overrides else ""
     print(
-        f"{args.env}: threshold {task['threshold']}, {timesteps} steps, seeds 0..{args.seeds - 1}"
+        f"{args.env}: threshold {task['threshold']}, {timesteps} steps, seeds 0..{args.seeds - 1}{ours}"
     )
     print(
         f"{'algo':6s} {'reached':>8s} {'median first':>13s} {'final last-100':>15s} {'wall s':>7s}"
