@@ -216,9 +216,8 @@ def main() -> None:
             writer.writerows([r["algo"], r["seed"], s, x] for s, x in r["episodes"])
 
     ours = f", ours with {' '.join(args.overrides)}" if args.overrides else ""
-    print(
-        f"{args.env}: threshold {task['threshold']}, {timesteps} steps, seeds 0..{args.seeds - 1}{ours}"
-    )
+    seeds = f"seeds 0..{args.seeds - 1}"
+    print(f"{args.env}: threshold {task['threshold']}, {timesteps} steps, {seeds}{ours}")
     print(
         f"{'algo':6s} {'reached':>8s} {'median first':>13s} {'final last-100':>15s} {'wall s':>7s}"
     )
