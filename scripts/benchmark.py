@@ -53,6 +53,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "threshold": 200.0,
         "timesteps": 500_000,
         "config": "configs/acktr/lunarlander.yaml",
+        "ppo_kfac_config": "configs/ppo_kfac/lunarlander.yaml",
         "a2c": {
             "n_envs": 8,
             "kwargs": {
