@@ -2,7 +2,7 @@
 
 from rl_kfac.blocks import ConvApprox
 from rl_kfac.damping import DampingMode
-from rl_kfac.optimizer import KFAC
+from rl_kfac.optimizer import KFAC, Statistics
 
-__all__ = ["KFAC", "ConvApprox", "DampingMode"]
+__all__ = ["KFAC", "ConvApprox", "DampingMode", "Statistics"]
 __version__ = "0.1.0"

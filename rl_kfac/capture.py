@@ -39,7 +39,7 @@ class _GradHook:
 
     def __call__(self, grad: Tensor) -> None:
         cap = self.capture
-        if cap.recording and (cap.only is None or self.block in cap.only):
+        if (cap.recording or cap.empirical) and (cap.only is None or self.block in cap.only):
             cap.records.append((self.block, self.inputs, grad))
 
 
@@ -92,6 +92,7 @@ class StatisticsCapture:
         self.wanted: set[int] = set()  # their ids (rebuilt after a copy: ids change)
         self.armed = True
         self.recording = False
+        self.empirical = False  # record from every backward pass (the empirical Fisher)
         self.records: list[Record] = []
         self.only: set[Block] | None = None  # restricts recording to these blocks
         self.forward_log: list[LoggedCall] = []

@@ -11,7 +11,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,8 @@ from rl_kfac.blocks import Block, ConvApprox
 from rl_kfac.capture import Record, StatisticsCapture
 from rl_kfac.curvature import Bucket, plan_buckets, symmetric_eig
 from rl_kfac.damping import DAMPING_MODES, DampingMode, pi_factor
+
+Statistics = Literal["explicit", "empirical"]
 
 _COUNTERS = (
     "steps",
@@ -65,6 +67,11 @@ class KFAC(Optimizer):
             ``(A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹``.
         conv_approx: ``"expand"`` or ``"reduce"`` for ``nn.Conv2d`` (Eschenhagen et al. 2023).
         factor_dtype: dtype of factors, eigenbases and preconditioning (float32 by default).
+        statistics: ``"explicit"`` — recorded only inside :meth:`record_statistics` /
+            :meth:`fisher_backward` (pass a sampled-Fisher loss: the true Fisher);
+            ``"empirical"`` — recorded from every backward pass taken while statistics are due,
+            i.e. from the training loss's own gradients (the *empirical* Fisher, Kunstner et al.
+            2019). For training loops you do not control, such as Stable-Baselines3's.
 
     Parameters owned by no supported layer (e.g. a Gaussian policy's log-std, depthwise convs)
     get the plain gradient, and that gradient counts in the trust-region clip.
@@ -88,6 +95,7 @@ class KFAC(Optimizer):
         damping_mode: DampingMode = "exact",
         conv_approx: ConvApprox = "expand",
         factor_dtype: torch.dtype = torch.float32,
+        statistics: Statistics = "explicit",
     ) -> None:
         _check(lr > 0, f"lr must be > 0, got {lr}")
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
@@ -105,6 +113,10 @@ class KFAC(Optimizer):
         _check(damping_mode in DAMPING_MODES, f"damping_mode must be one of {DAMPING_MODES}")
         _check(conv_approx in ("expand", "reduce"), "conv_approx must be 'expand' or 'reduce'")
         _check(factor_dtype.is_floating_point, f"factor_dtype must be floating, got {factor_dtype}")
+        _check(
+            statistics in ("explicit", "empirical"),
+            f"statistics must be 'explicit' or 'empirical', got {statistics!r}",
+        )
 
         model = model_or_params if isinstance(model_or_params, nn.Module) else None
         params: Any = (
@@ -124,9 +136,11 @@ class KFAC(Optimizer):
         self.damping_mode: DampingMode = damping_mode
         self.conv_approx: ConvApprox = conv_approx
         self.factor_dtype = factor_dtype
+        self.statistics: Statistics = statistics
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.diagnostics: dict[str, float] = {}
         self._capture = StatisticsCapture(conv_approx)
+        self._capture.empirical = statistics == "empirical"
         if model is not None:
             self._capture.add_model(model)
         else:
@@ -288,6 +302,8 @@ class KFAC(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.statistics == "empirical":
+            self._update_factors(self._capture.take_records())
         self._check_setup()
         if self._needs_eigen or self.counters["steps"] % self.inverse_update_interval == 0:
             self._update_eigen()
@@ -393,7 +409,8 @@ class KFAC(Optimizer):
             self._warn_once(
                 "missing",
                 f"no K-FAC statistics yet for {missing}: plain gradient until "
-                "record_statistics() sees them",
+                "record_statistics() sees them (statistics='empirical' records them from the "
+                "training loss instead)",
             )
 
     def _set_diagnostics(self, nu: float, quad: float) -> None:
@@ -449,7 +466,8 @@ class KFAC(Optimizer):
             f"stat_decay={self.stat_decay}, factor_update_interval={self.factor_update_interval}, "
             f"inverse_update_interval={self.inverse_update_interval}, "
             f"damping_mode={self.damping_mode!r}, conv_approx={self.conv_approx!r}, "
-            f"factor_dtype={self.factor_dtype}, blocks={len(self.blocks)})"
+            f"factor_dtype={self.factor_dtype}, statistics={self.statistics!r}, "
+            f"blocks={len(self.blocks)})"
         )
 
 

@@ -102,6 +102,38 @@ def test_mlp_step_equals_dense_damped_inverse(mode, inplace, by_params):
         torch.testing.assert_close(got, expected[i], rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("by_params", [False, True])
+def test_empirical_statistics_come_from_the_training_loss(by_params):
+    """statistics='empirical': G from the same loss's gradient, no record_statistics() needed."""
+    torch.manual_seed(3)
+    model = MLP(False)
+    x, labels = torch.randn(24, 5), torch.randint(0, 4, (24,))
+    opt = exact_opts(model.parameters() if by_params else model, statistics="empirical")
+
+    logits, pairs = model.reference(x)
+    for _, s in pairs:
+        s.retain_grad()
+    loss = losses(logits, labels, labels)[1]
+    loss.backward()
+    layers = [model.l1, model.l2, model.l3]
+    expected = []
+    for layer, (a, s) in zip(layers, pairs):
+        a_f, g_f = factors_linear(a.detach(), s.grad)
+        m = layer_matrix(layer.weight.grad, layer.bias.grad)
+        expected.append(-LR * damped_solve_exact(a_f, g_f, m, DAMPING))
+    model.zero_grad()
+
+    before = [layer_matrix(m.weight, m.bias).detach().clone() for m in layers]
+    with torch.no_grad():  # a rollout forward: records nothing
+        model(torch.randn(7, 5))
+    losses(model(x), labels, labels)[1].backward()
+    opt.step()
+    assert opt.counters["statistics_updates"] == 1
+    for layer, b, e in zip(layers, before, expected):
+        got = layer_matrix(layer.weight, layer.bias).detach() - b
+        torch.testing.assert_close(got, e, rtol=1e-7, atol=1e-10)
+
+
 def test_factors_and_running_average_start_from_first_batch():
     torch.manual_seed(1)
     model = MLP(False)

@@ -1,0 +1,148 @@
+"""Stable-Baselines3 actor-critic policies whose optimizer is K-FAC with true-Fisher statistics.
+
+SB3's own policies can use :class:`~rl_kfac.KFAC` as a drop-in ``optimizer_class`` (empirical
+Fisher, from the training loss). These policies instead record the statistics ACKTR uses (Wu et
+al. 2017, §3.1): during SB3's training forward (``evaluate_actions`` with autograd on) they back-
+propagate the sampled-Fisher loss of :mod:`rl_kfac.fisher`, i.e. the NLL of actions sampled from
+the policy itself plus ``vf_fisher_coef`` times the value head's Gauss-Newton term, through
+:meth:`KFAC.fisher_backward`. Rollout forwards run under ``torch.no_grad()`` and record nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.distributions import (
+    CategoricalDistribution,
+    DiagGaussianDistribution,
+    Distribution,
+    MultiCategoricalDistribution,
+)
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import NatureCNN
+from stable_baselines3.common.type_aliases import Schedule
+from torch import Tensor
+
+from rl_kfac.fisher import categorical_fisher_loss, gaussian_fisher_loss, value_fisher_loss
+from rl_kfac.optimizer import KFAC
+
+SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.MultiDiscrete, spaces.Box)
+
+
+def policy_fisher_loss(distribution: Distribution) -> Tensor:
+    """Sampled-Fisher loss of an SB3 Categorical, MultiCategorical or DiagGaussian distribution."""
+    if isinstance(distribution, CategoricalDistribution):
+        return categorical_fisher_loss(distribution.distribution.logits)
+    if isinstance(distribution, MultiCategoricalDistribution):
+        # independent sub-actions: the Fisher is block-diagonal, the losses add
+        parts = distribution.distribution
+        return torch.stack([categorical_fisher_loss(d.logits) for d in parts]).sum()
+    if isinstance(distribution, DiagGaussianDistribution):
+        normal = distribution.distribution
+        return gaussian_fisher_loss(normal.mean, normal.scale.log())
+    raise ValueError(f"no K-FAC Fisher loss for {type(distribution).__name__}")
+
+
+def distribution_kl(old: Distribution, new: Distribution) -> Tensor:
+    """Per-state KL(old ‖ new) between two SB3 distributions of the same kind."""
+    if isinstance(old, MultiCategoricalDistribution):
+        pairs = zip(old.distribution, new.distribution)  # type: ignore[arg-type]
+        return torch.stack([torch.distributions.kl_divergence(p, q) for p, q in pairs]).sum(0)
+    kl = torch.distributions.kl_divergence(old.distribution, new.distribution)  # type: ignore[arg-type]
+    return kl.sum(-1) if isinstance(old, DiagGaussianDistribution) else kl
+
+
+class KFACActorCriticPolicy(ActorCriticPolicy):
+    """``MlpPolicy`` of :class:`~rl_kfac.sb3.ACKTR` / :class:`~rl_kfac.sb3.PPOKFAC`.
+
+    Same networks and arguments as SB3's ``ActorCriticPolicy``, plus ``vf_fisher_coef`` (weight
+    of the value head's Gauss-Newton term in the Fisher loss). ``optimizer_kwargs`` go to
+    :class:`~rl_kfac.KFAC`, which is built on the policy module itself (every ``nn.Linear`` /
+    ``nn.Conv2d`` is a Kronecker block; the Gaussian log-std gets the plain gradient).
+    Supported action spaces: Discrete, MultiDiscrete, Box (no gSDE).
+    """
+
+    optimizer: KFAC
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        vf_fisher_coef: float = 1.0,
+        optimizer_class: type[KFAC] = KFAC,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(action_space, SUPPORTED_ACTION_SPACES):
+            supported = "Discrete, MultiDiscrete and Box"
+            raise ValueError(f"K-FAC policies support {supported} actions, got {action_space}")
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, KFAC)):
+            raise ValueError(f"optimizer_class must be KFAC or a subclass, got {optimizer_class}")
+        kfac_kwargs = dict(optimizer_kwargs or {})
+        if kfac_kwargs.get("statistics", "explicit") != "explicit":
+            raise ValueError("K-FAC policies record the true Fisher: leave statistics='explicit'")
+        if vf_fisher_coef < 0:
+            raise ValueError(f"vf_fisher_coef must be >= 0, got {vf_fisher_coef}")
+        self.vf_fisher_coef = vf_fisher_coef
+        self._train_distribution: Distribution | None = None
+        # SB3's _build hands the optimizer a parameter iterator; K-FAC is built on the module
+        # instead (layers known up front, no discovery hook), right after SB3's networks exist.
+        super().__init__(  # type: ignore[misc]  # (optimizer_* are not in *args)
+            observation_space,
+            action_space,
+            lr_schedule,
+            *args,
+            optimizer_class=torch.optim.SGD,
+            optimizer_kwargs={},
+            **kwargs,
+        )
+        if self.use_sde:
+            raise ValueError("K-FAC policies do not support gSDE (use_sde=True)")
+        self.optimizer_class, self.optimizer_kwargs = optimizer_class, kfac_kwargs
+        self.optimizer = optimizer_class(self, lr=lr_schedule(1), **kfac_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        return {**super()._get_constructor_parameters(), "vf_fisher_coef": self.vf_fisher_coef}
+
+    def _get_action_dist_from_latent(self, latent_pi: Tensor) -> Distribution:
+        distribution = super()._get_action_dist_from_latent(latent_pi)
+        if torch.is_grad_enabled():  # a training forward: evaluate_actions needs it
+            self._train_distribution = distribution
+        return distribution
+
+    def evaluate_actions(self, obs: Any, actions: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """SB3's training forward; records K-FAC statistics first when they are due."""
+        values, log_prob, entropy = super().evaluate_actions(obs, actions)
+        distribution, self._train_distribution = self._train_distribution, None
+        if distribution is not None and self.optimizer.statistics_due:
+            fisher = policy_fisher_loss(distribution)
+            if self.vf_fisher_coef:
+                fisher = fisher + self.vf_fisher_coef * value_fisher_loss(values)
+            self.optimizer.fisher_backward(fisher)
+        return values, log_prob, entropy
+
+
+class KFACActorCriticCnnPolicy(KFACActorCriticPolicy):
+    """``CnnPolicy``: :class:`KFACActorCriticPolicy` with SB3's Nature CNN feature extractor."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        features_extractor_class: type = NatureCNN,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            *args,
+            features_extractor_class=features_extractor_class,
+            **kwargs,
+        )
