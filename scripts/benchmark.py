@@ -1,7 +1,8 @@
 """Our agents next to Stable-Baselines3 (rl-zoo hyperparameters), same seeds, one run.
 
 ``--algos acktr,a2c`` (default) compares our ACKTR with SB3 A2C; ``--algos ppo_kfac,ppo`` our
-PPO-KFAC with SB3 PPO.
+PPO-KFAC with SB3 PPO; ``sb3_acktr`` is ``rl_kfac.sb3.ACKTR`` (SB3's A2C loop with K-FAC) with
+the settings of our ACKTR config.
 
 Metric: the first timestep at which the mean return of the last 100 finished training episodes
 reaches the environment's threshold. Writes ``<out>/runs.csv`` (one row per run),
@@ -10,6 +11,8 @@ reaches the environment's threshold. Writes ``<out>/runs.csv`` (one row per run)
     python scripts/benchmark.py --env CartPole-v1 --seeds 5
     python scripts/benchmark.py --env LunarLander-v3 --seeds 3
     python scripts/benchmark.py --env CartPole-v1 --seeds 5 --algos ppo_kfac,ppo
+    python scripts/benchmark.py --env HalfCheetah-v5 --seeds 3 --algos ppo_kfac,ppo
+    python scripts/benchmark.py --env CartPole-v1 --seeds 5 --algos sb3_acktr,a2c
     python scripts/benchmark.py --env CartPole-v1 --seeds 1 --speed   # wall time, same batch
 """
 
@@ -27,6 +30,15 @@ from typing import Any
 
 import numpy as np
 
+# rl_kfac.sb3.ACKTR with the settings of configs/acktr/{cartpole,lunarlander}.yaml
+ACKTR_AS_OURS = {
+    "n_steps": 20,
+    "kl_clip": 0.01,
+    "momentum": 0.0,
+    "gae_lambda": 0.95,
+    "ent_coef": 0.0,
+}
+
 TASKS: dict[str, dict[str, Any]] = {
     # threshold, budget, our configs, SB3 kwargs from rl-baselines3-zoo's a2c.yml / ppo.yml
     "CartPole-v1": {
@@ -35,6 +47,11 @@ TASKS: dict[str, dict[str, Any]] = {
         "config": "configs/acktr/cartpole.yaml",
         "ppo_kfac_config": "configs/ppo_kfac/cartpole.yaml",
         "a2c": {"n_envs": 8, "kwargs": {"ent_coef": 0.0}},
+        "sb3_acktr": {
+            "n_envs": 8,
+            "normalize": {"norm_obs": False, "norm_reward": True},
+            "kwargs": {**ACKTR_AS_OURS, "learning_rate": "lin_0.25"},
+        },
         "ppo": {
             "n_envs": 8,
             "kwargs": {
@@ -54,6 +71,11 @@ TASKS: dict[str, dict[str, Any]] = {
         "timesteps": 500_000,
         "config": "configs/acktr/lunarlander.yaml",
         "ppo_kfac_config": "configs/ppo_kfac/lunarlander.yaml",
+        "sb3_acktr": {
+            "n_envs": 16,
+            "normalize": {"norm_obs": True, "norm_reward": True},
+            "kwargs": {**ACKTR_AS_OURS, "gamma": 0.995, "learning_rate": "lin_0.25"},
+        },
         "a2c": {
             "n_envs": 8,
             "kwargs": {
@@ -75,6 +97,38 @@ TASKS: dict[str, dict[str, Any]] = {
             },
         },
     },
+    "HalfCheetah-v5": {
+        "threshold": 5819.0,  # SB3 PPO's published 1M-step result (rl-baselines3-zoo benchmark)
+        "timesteps": 1_000_000,
+        "config": "configs/acktr/halfcheetah.yaml",
+        "ppo_kfac_config": "configs/ppo_kfac/halfcheetah.yaml",
+        "ppo": {
+            "n_envs": 1,
+            "normalize": {"norm_obs": True, "norm_reward": True},
+            "kwargs": {
+                "n_steps": 512,
+                "batch_size": 64,
+                "gamma": 0.98,
+                "learning_rate": 2.0633e-05,
+                "ent_coef": 0.000401762,
+                "clip_range": 0.1,
+                "n_epochs": 20,
+                "gae_lambda": 0.92,
+                "max_grad_norm": 0.8,
+                "vf_coef": 0.58096,
+                "policy_kwargs": "halfcheetah",
+            },
+        },
+    },
+}
+# rl-zoo's policy_kwargs for HalfCheetah-v5 PPO
+POLICY_KWARGS: dict[str, Any] = {
+    "halfcheetah": lambda: {
+        "log_std_init": -2,
+        "ortho_init": False,
+        "activation_fn": __import__("torch").nn.ReLU,
+        "net_arch": {"pi": [256, 256], "vf": [256, 256]},
+    }
 }
 
 
@@ -112,6 +166,9 @@ def run_sb3(algo: str, env: str, seed: int, timesteps: int, spec: dict[str, Any]
     from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from rl_kfac.sb3 import ACKTR
 
     torch.set_num_threads(1)
     kwargs = dict(spec["kwargs"])
@@ -119,6 +176,8 @@ def run_sb3(algo: str, env: str, seed: int, timesteps: int, spec: dict[str, Any]
         value = kwargs.get(key)
         if isinstance(value, str) and value.startswith("lin_"):
             kwargs[key] = functools.partial(_linear, float(value[4:]))
+    if isinstance(kwargs.get("policy_kwargs"), str):
+        kwargs["policy_kwargs"] = POLICY_KWARGS[kwargs["policy_kwargs"]]()
 
     class Episodes(BaseCallback):
         def __init__(self) -> None:
@@ -132,16 +191,23 @@ def run_sb3(algo: str, env: str, seed: int, timesteps: int, spec: dict[str, Any]
             return True
 
     envs = make_vec_env(env, n_envs=spec["n_envs"], seed=seed)
-    cls = A2C if algo == "a2c" else PPO
+    if "normalize" in spec:
+        envs = VecNormalize(envs, gamma=kwargs.get("gamma", 0.99), **spec["normalize"])
+    cls = {"a2c": A2C, "ppo": PPO, "sb3_acktr": ACKTR}[algo]
     model = cls("MlpPolicy", envs, seed=seed, device="cpu", **kwargs)
     callback = Episodes()
+    train, update_time = model.train, [0.0]
+
+    def timed_train() -> None:  # SB3's update, timed (learn() calls self.train())
+        t0 = time.perf_counter()
+        train()
+        update_time[0] += time.perf_counter() - t0
+
+    model.train = timed_train
     start = time.perf_counter()
     model.learn(timesteps, callback=callback)
-    return {
-        "episodes": callback.episodes,
-        "wall": time.perf_counter() - start,
-        "update_share": None,
-    }
+    wall = time.perf_counter() - start
+    return {"episodes": callback.episodes, "wall": wall, "update_share": update_time[0] / wall}
 
 
 def _linear(initial: float, progress_remaining: float) -> float:
@@ -158,8 +224,9 @@ def job(args: tuple[str, str, int, int, bool, list[str]]) -> dict[str, Any]:
         if speed:  # same batch shape as our config: n_envs x n_steps
             from agents.config import load_config
 
-            cfg = load_config(task["config" if algo == "a2c" else "ppo_kfac_config"])
-            spec = {"n_envs": cfg.n_envs, "kwargs": {**spec["kwargs"], "n_steps": cfg.n_steps}}
+            cfg = load_config(task["ppo_kfac_config" if algo == "ppo" else "config"])
+            spec = {**spec, "n_envs": cfg.n_envs,
+                    "kwargs": {**spec["kwargs"], "n_steps": cfg.n_steps}}  # fmt: skip
         out = run_sb3(algo, env, seed, timesteps, spec)
     out.update(algo=algo, env=env, seed=seed)
     return out
@@ -172,7 +239,7 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, help="default: the task's budget")
     parser.add_argument("--algos", default="acktr,a2c")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--speed", action="store_true", help="A2C with our n_envs x n_steps")
+    parser.add_argument("--speed", action="store_true", help="SB3 runs with our n_envs x n_steps")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -220,7 +287,8 @@ def main() -> None:
     seeds = f"seeds 0..{args.seeds - 1}"
     print(f"{args.env}: threshold {task['threshold']}, {timesteps} steps, {seeds}{ours}")
     print(
-        f"{'algo':6s} {'reached':>8s} {'median first':>13s} {'final last-100':>15s} {'wall s':>7s}"
+        f"{'algo':10s} {'reached':>8s} {'median first':>13s} {'final last-100':>15s} "
+        f"{'wall s':>7s} {'update s':>9s}"
     )
     for algo in args.algos.split(","):
         mine = [row for row in rows if row["algo"] == algo]
@@ -232,7 +300,8 @@ def main() -> None:
         wall = statistics.median(row["wall_s"] for row in mine)
         med_s = "never" if med == float("inf") else f"{med / 1000:.1f}k"
         n = f"{len(reached)} of {len(mine)}"
-        print(f"{algo:6s} {n:>8s} {med_s:>13s} {finals:15.1f} {wall:7.1f}")
+        upd = statistics.median(row["wall_s"] * (row["update_share"] or 0) for row in mine)
+        print(f"{algo:10s} {n:>8s} {med_s:>13s} {finals:15.1f} {wall:7.1f} {upd:9.1f}")
         print(f"       per seed: {firsts}")
     plot(results, task["threshold"], out / "curves.png", args.env)
     print(f"wrote {out}/runs.csv, episodes.csv, curves.png")
@@ -245,9 +314,10 @@ def plot(results: list[dict[str, Any]], threshold: float, path: Path, env: str) 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    colors = {"acktr": "tab:red", "a2c": "tab:blue", "ppo_kfac": "tab:orange", "ppo": "tab:green"}
+    colors = {"acktr": "tab:red", "a2c": "tab:blue", "ppo_kfac": "tab:orange", "ppo": "tab:green",
+              "sb3_acktr": "tab:purple"}  # fmt: skip
     names = {"acktr": "ACKTR (rl-kfac)", "ppo_kfac": "PPO-KFAC (rl-kfac)", "a2c": "A2C (SB3)",
-             "ppo": "PPO (SB3)"}  # fmt: skip
+             "ppo": "PPO (SB3)", "sb3_acktr": "rl_kfac.sb3.ACKTR"}  # fmt: skip
     for r in results:
         eps = r["episodes"]
         if len(eps) < 2:
