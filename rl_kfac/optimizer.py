@@ -11,7 +11,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,9 @@ from rl_kfac.blocks import Block, ConvApprox
 from rl_kfac.capture import Record, StatisticsCapture
 from rl_kfac.curvature import Bucket, plan_buckets, symmetric_eig
 from rl_kfac.damping import DAMPING_MODES, DampingMode, pi_factor
+
+if TYPE_CHECKING:  # the math runs without torch.distributed; only a communicator uses it
+    from rl_kfac.distributed import Communicator, PendingAverage
 
 Statistics = Literal["explicit", "empirical"]
 
@@ -72,6 +75,9 @@ class KFAC(Optimizer):
             ``"empirical"`` — recorded from every backward pass taken while statistics are due,
             i.e. from the training loss's own gradients (the *empirical* Fisher, Kunstner et al.
             2019). For training loops you do not control, such as Stable-Baselines3's.
+        communicator: a :class:`rl_kfac.distributed.Communicator` for data-parallel training:
+            factors are averaged across ranks and eigendecompositions shared out (gradients are
+            the caller's: :func:`rl_kfac.distributed.allreduce_gradients`). ``None``: one process.
 
     Parameters owned by no supported layer (e.g. a Gaussian policy's log-std, depthwise convs)
     get the plain gradient, and that gradient counts in the trust-region clip.
@@ -96,6 +102,7 @@ class KFAC(Optimizer):
         conv_approx: ConvApprox = "expand",
         factor_dtype: torch.dtype = torch.float32,
         statistics: Statistics = "explicit",
+        communicator: Communicator | None = None,
     ) -> None:
         _check(lr > 0, f"lr must be > 0, got {lr}")
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
@@ -137,6 +144,8 @@ class KFAC(Optimizer):
         self.conv_approx: ConvApprox = conv_approx
         self.factor_dtype = factor_dtype
         self.statistics: Statistics = statistics
+        self.communicator = communicator
+        self._pending: tuple[list[Block], PendingAverage] | None = None
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.diagnostics: dict[str, float] = {}
         self._capture = StatisticsCapture(conv_approx)
@@ -212,45 +221,77 @@ class KFAC(Optimizer):
 
     @torch.no_grad()
     def _update_factors(self, records: list[Record]) -> None:
+        """This batch's factors per block (calls of one layer averaged), then the running mean.
+
+        With a communicator the batch factors are averaged across ranks asynchronously and
+        folded in at the next ``step()``; the finiteness check runs on the averaged factors, so
+        every rank skips or keeps the same update.
+        """
         if not records:
             return
         dtype = self.factor_dtype
-        rows = []
+        calls = Counter(r[0] for r in records)
+        batch: dict[Block, tuple[Tensor, Tensor]] = {}
         for block, a, g in records:
             x, sx = block.input_rows(a.to(dtype))
             y, sy = block.grad_rows(g.to(dtype))
-            rows.append((block, x, sx, y, sy))
-        norms = torch._foreach_norm([t for r in rows for t in (r[1], r[3])])
-        if not bool(torch.stack(norms).isfinite().all()):
+            w, beta = 1.0 / calls[block], 1.0
+            if block not in batch:
+                batch[block] = (x.new_empty(block.dim_a, block.dim_a),
+                                y.new_empty(block.dim_g, block.dim_g))  # fmt: skip
+                beta = 0.0
+            new_a, new_g = batch[block]
+            new_a.addmm_(x.T, x, beta=beta, alpha=w * sx)
+            new_g.addmm_(y.T, y, beta=beta, alpha=w * sy)
+        self._finish_factors()  # at most one update in flight
+        blocks = list(batch)
+        factors = [f for b in blocks for f in batch[b]]
+        if self.communicator is not None and self.communicator.world_size > 1:
+            self._pending = (blocks, self.communicator.average_async(factors))
+        else:
+            self._fold_factors(blocks, factors)
+
+    def _finish_factors(self) -> None:
+        if self._pending is not None:
+            (blocks, pending), self._pending = self._pending, None
+            self._fold_factors(blocks, pending.wait())
+
+    def _fold_factors(self, blocks: list[Block], factors: list[Tensor]) -> None:
+        if not bool(torch.stack(torch._foreach_norm(factors)).isfinite().all()):
             self.counters["skipped_statistics"] += 1
             self._warn_once("stats", "non-finite K-FAC statistics were skipped (factors kept)")
             return
-        calls = Counter(r[0] for r in rows)
-        weight_of_new: dict[Block, float] = {}
-        for block, x, sx, y, sy in rows:
+        for block, new_a, new_g in zip(blocks, factors[::2], factors[1::2]):
             state = self.state[block.weight]
-            if block not in weight_of_new:  # first record of this block in this update
-                fresh = "A" not in state
-                if fresh:
-                    state["A"] = x.new_zeros(block.dim_a, block.dim_a)
-                    state["G"] = y.new_zeros(block.dim_g, block.dim_g)
-                    self._needs_eigen = True
-                weight_of_new[block] = 1.0 if fresh else 1.0 - self.stat_decay
-                beta = 0.0 if fresh else self.stat_decay
+            if "A" not in state:  # the running average starts at the first batch
+                state["A"], state["G"] = new_a.clone(), new_g.clone()
+                self._needs_eigen = True
             else:
-                beta = 1.0
-            w = weight_of_new[block] / calls[block]
-            state["A"].addmm_(x.T, x, beta=beta, alpha=w * sx)
-            state["G"].addmm_(y.T, y, beta=beta, alpha=w * sy)
+                state["A"].lerp_(new_a, 1.0 - self.stat_decay)
+                state["G"].lerp_(new_g, 1.0 - self.stat_decay)
         self.counters["statistics_updates"] += 1
 
     # -- eigendecompositions and layout -------------------------------------------------------
     def _update_eigen(self) -> None:
-        for block in self.blocks:
+        blocks = [b for b in self.blocks if "A" in self.state[b.weight]]
+        factors = [(b, name) for b in blocks for name in ("A", "G")]
+        comm = self.communicator
+        if comm is None or comm.world_size == 1:
+            results = [symmetric_eig(self.state[b.weight][name]) for b, name in factors]
+        else:  # each factor decomposed by one rank, then broadcast
+            owners = comm.assign([float(b.dim_a if n == "A" else b.dim_g) ** 3 for b, n in factors])
+            results = [
+                _broadcast_eig(
+                    comm,
+                    symmetric_eig(self.state[b.weight][name]) if owner == comm.rank else None,
+                    self.state[b.weight][name],
+                    owner,
+                )
+                for (b, name), owner in zip(factors, owners)
+            ]
+        for i, block in enumerate(blocks):
             state = self.state[block.weight]
-            if "A" not in state:
-                continue
-            eig_a, eig_g = symmetric_eig(state["A"]), symmetric_eig(state["G"])
+            eig_a, eig_g = results[2 * i], results[2 * i + 1]
             if eig_a is None or eig_g is None:
                 self.counters["eig_failures"] += 1
                 self._warn_once(
@@ -304,6 +345,7 @@ class KFAC(Optimizer):
                 loss = closure()
         if self.statistics == "empirical":
             self._update_factors(self._capture.take_records())
+        self._finish_factors()
         self._check_setup()
         if self._needs_eigen or self.counters["steps"] % self.inverse_update_interval == 0:
             self._update_eigen()
@@ -432,6 +474,7 @@ class KFAC(Optimizer):
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self._finish_factors()
         sd = super().state_dict()
         sd["kfac"] = {k: torch.tensor(v) for k, v in self.counters.items()}
         return sd
@@ -450,6 +493,7 @@ class KFAC(Optimizer):
         self._layout = None
 
     def __getstate__(self) -> dict[str, Any]:
+        self._finish_factors()
         state = super().__getstate__()
         state.update({k: v for k, v in self.__dict__.items() if k not in state})
         state["_layout"] = None  # buffers that view parameters: rebuilt on the next step
@@ -495,3 +539,18 @@ def _gather(views: list[Tensor], params: list[Tensor]) -> None:
             src.append(p.grad)
     if dst:
         torch._foreach_copy_(dst, src)
+
+
+def _broadcast_eig(
+    comm: Communicator, eig: tuple[Tensor, Tensor] | None, factor: Tensor, owner: int
+) -> tuple[Tensor, Tensor] | None:
+    """The owner's eigendecomposition of ``factor`` on every rank (``None`` if it failed)."""
+    ok = torch.tensor([float(eig is not None)], device=factor.device)
+    comm.broadcast([ok], owner)
+    if not bool(ok):
+        return None
+    if eig is None:
+        n = factor.shape[0]
+        eig = (factor.new_empty(n), factor.new_empty(n, n))
+    comm.broadcast(list(eig), owner)
+    return eig

@@ -38,7 +38,6 @@ def test_non_finite_gradient_skips_step_and_warns_once(bad):
     x = torch.randn(16, 4)
     record_and_step(model, opt, x)  # a good step: factors and momentum exist
     before = [p.detach().clone() for p in model.parameters()]
-    factors = opt.state[model[0].weight]["A"].clone()
     bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     with pytest.warns(RuntimeWarning, match="skipped"):
         record_and_step(model, opt, x, grad_fill=bad)
@@ -49,7 +48,7 @@ def test_non_finite_gradient_skips_step_and_warns_once(bad):
     for p, b, m in zip(model.parameters(), before, bufs):
         assert torch.equal(p.detach(), b)
         assert torch.equal(opt.state[p]["momentum_buffer"], m)
-    assert not torch.equal(opt.state[model[0].weight]["A"], factors)  # statistics were fine
+    assert opt.counters["statistics_updates"] == 3  # the statistics were fine: folded in
     record_and_step(model, opt, x)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.diagnostics["skipped_steps"] == 2
