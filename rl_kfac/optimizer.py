@@ -552,5 +552,7 @@ def _broadcast_eig(
     if eig is None:
         n = factor.shape[0]
         eig = (factor.new_empty(n), factor.new_empty(n, n))
+    else:  # eigh returns column-major eigenvectors; collectives send raw storage
+        eig = (eig[0].contiguous(), eig[1].contiguous())
     comm.broadcast(list(eig), owner)
     return eig

@@ -1,0 +1,144 @@
+"""Data-parallel K-FAC over torch.distributed (gloo, 2 CPU processes)."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from rl_kfac import KFAC
+from rl_kfac.distributed import Communicator, DistributedError, allreduce_gradients
+
+WORLD = 2
+STEPS = 4
+N = 12  # samples per rank
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 6),
+        nn.ReLU(), nn.Linear(6, 4),
+    )  # fmt: skip
+
+
+def data() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(WORLD * N, 2, 5, 5, generator=g, dtype=torch.float64),
+            torch.randint(0, 4, (WORLD * N,), generator=g),  # "sampled" Fisher targets, fixed
+            torch.randint(0, 4, (WORLD * N,), generator=g),  # labels of the training loss
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def train(model: nn.Module, batches, comm: Communicator | None, part: slice) -> KFAC:
+    opt = KFAC(model, lr=0.3, momentum=0.9, kl_clip=1e-2, damping=1e-2, stat_decay=0.9,
+               inverse_update_interval=2, factor_dtype=torch.float64,
+               communicator=comm)  # fmt: skip
+    for x, targets, labels in batches:
+        out = model(x[part])
+        opt.fisher_backward(F.cross_entropy(out, targets[part]))
+        opt.zero_grad()
+        F.cross_entropy(out, labels[part]).backward()
+        allreduce_gradients(model.parameters(), comm)
+        opt.step()
+    return opt
+
+
+def init(rank: int, init_file: str, seconds: float) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=seconds),
+    )
+
+
+def equivalence_worker(rank: int, init_file: str, out: str) -> None:
+    torch.set_default_dtype(torch.float64)
+    init(rank, init_file, 60)
+    model = make_model()
+    opt = train(model, data(), Communicator(), slice(rank * N, (rank + 1) * N))
+    factors = {k: v for k, v in enumerate(opt.state_dict()["state"].values())}
+    torch.save({"params": list(model.parameters()), "state": factors}, Path(out) / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_workers(target, *args) -> list[int | None]:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:  # never leave a hung worker behind
+        if p.is_alive():
+            p.kill()
+    return [p.exitcode for p in procs]
+
+
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
+    init_file = str(tmp_path / "init")
+    assert run_workers(equivalence_worker, init_file, str(tmp_path)) == [0, 0]
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = make_model()
+        opt = train(model, data(), None, slice(None))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for rank in ranks:
+        for p, q in zip(model.parameters(), rank["params"]):
+            torch.testing.assert_close(q, p.detach(), rtol=0, atol=1e-6)
+    # factors and eigenbases are identical on every rank (bit for bit) and match one process
+    reference = list(opt.state_dict()["state"].values())
+    for key, state in ranks[0]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, ranks[1]["state"][key][name]), (key, name)
+            if name in ("A", "G"):
+                torch.testing.assert_close(value, reference[key][name], rtol=1e-10, atol=1e-12)
+
+
+def failing_worker(rank: int, init_file: str, out: str) -> None:
+    init(rank, init_file, 10)
+    if rank == 1:
+        raise SystemExit(3)  # a rank that dies before the collective
+    try:
+        Communicator().average([torch.ones(3)])
+    except DistributedError:
+        (Path(out) / "error.txt").write_text(traceback.format_exc())
+        raise SystemExit(4) from None
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_error(tmp_path):
+    codes = run_workers(failing_worker, str(tmp_path / "init"), str(tmp_path))
+    assert codes == [4, 3]  # rank 0 did not hang: it raised DistributedError
+    message = (tmp_path / "error.txt").read_text()
+    assert "rank 0/2: all_reduce failed; another rank probably exited" in message
+
+
+def test_assignment_balances_factor_sizes():
+    class FakeComm(Communicator):
+        def __init__(self, world_size: int) -> None:
+            self.rank, self.world_size, self.group = 0, world_size, None
+
+    # largest first to the least-loaded rank: 1000→0, 512→1, 500→1, 27→0, 8→1, 1→1
+    assert FakeComm(2).assign([1000.0, 8.0, 512.0, 500.0, 27.0, 1.0]) == [0, 1, 1, 1, 0, 1]
+    assert FakeComm(3).assign([5.0, 4.0, 3.0]) == [0, 1, 2]
+
+
+def test_communicator_needs_an_initialised_group():
+    with pytest.raises(ValueError, match="not initialised"):
+        Communicator()
