@@ -39,20 +39,15 @@ class ACKTR(KFACAlgorithm):
         if opt.statistics_due:
             opt.fisher_backward(dist.fisher_loss() + cfg.vf_fisher_coef * value_fisher_loss(values))
         loss, policy_loss, value_loss, entropy = self.a2c_loss(dist, values, batch)
-        opt.zero_grad()
-        loss.backward()
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-        if lr > 0:
-            opt.step()
+        self.step_on(loss, lr)
 
         with torch.no_grad():
             new_dist, new_values = self.policy(batch.obs)
             kl = dist.detach().kl(new_dist).mean()
             if self.kl_damping is not None:
-                self.set_damping(self.kl_damping.update(self.damping, float(kl)))
+                self.set_damping(self.kl_damping.update(self.damping, self.global_mean(kl)))
             if self.lm_damping is not None and lr > 0:
-                actual = float(self.a2c_loss(new_dist, new_values, batch)[0] - loss)
+                actual = self.global_mean(self.a2c_loss(new_dist, new_values, batch)[0] - loss)
                 diag = opt.diagnostics
                 step = lr * diag["step_scale"]
                 predicted = LevenbergMarquardt.predicted_change(diag["quadratic"], step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from agents.config import Config
@@ -9,15 +10,21 @@ from agents.networks import ActorCritic
 from agents.rollout import Batch
 from rl_kfac import KFAC
 from rl_kfac.damping import KLDampingController, LevenbergMarquardt
+from rl_kfac.distributed import Communicator, allreduce_gradients, average_scalar
 
 Stats = dict[str, float | Tensor]
 
 
 class KFACAlgorithm:
-    """Base of our agents: ``update(batch, progress)`` runs one update and returns log scalars."""
+    """Base of our agents: ``update(batch, progress)`` runs one update and returns log scalars.
 
-    def __init__(self, policy: ActorCritic, cfg: Config) -> None:
-        self.policy, self.cfg = policy, cfg
+    With a communicator (``torchrun``), each rank updates on its own batch: gradients and K-FAC
+    factors are averaged across ranks and every scalar that steers the update (measured KL, LM
+    ratio, early stop) is averaged too, so all ranks take the same steps.
+    """
+
+    def __init__(self, policy: ActorCritic, cfg: Config, comm: Communicator | None = None) -> None:
+        self.policy, self.cfg, self.comm = policy, cfg, comm
         self.optimizer = KFAC(
             policy,
             lr=cfg.lr,
@@ -30,6 +37,7 @@ class KFACAlgorithm:
             inverse_update_interval=cfg.inverse_update_interval,
             damping_mode=cfg.damping_mode,  # type: ignore[arg-type]
             conv_approx=cfg.conv_approx,  # type: ignore[arg-type]
+            communicator=comm,
         )
         self.kl_damping = (
             KLDampingController(
@@ -66,6 +74,20 @@ class KFACAlgorithm:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+    def step_on(self, loss: Tensor, lr: float) -> None:
+        """Back-propagate ``loss``, average gradients over ranks, clip, take the K-FAC step."""
+        self.optimizer.zero_grad()
+        loss.backward()
+        allreduce_gradients(self.policy.parameters(), self.comm)
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
+        if lr > 0:
+            self.optimizer.step()
+
+    def global_mean(self, value: float | Tensor) -> float:
+        """``value`` averaged over ranks (itself in a single process)."""
+        return average_scalar(value, self.comm)
 
     def kfac_stats(self) -> Stats:
         diag = self.optimizer.diagnostics

@@ -54,14 +54,26 @@ def train_main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"run directory: {trainer.run_dir}  (tensorboard --logdir {trainer.run_dir.parent})")
+    from rl_kfac.distributed import DistributedError, shutdown
+
+    main = trainer.rank == 0
+    if main:
+        print(f"run directory: {trainer.run_dir}  (tensorboard --logdir {trainer.run_dir.parent})")
     try:
         result = trainer.train()
     except KeyboardInterrupt:
         return 130
+    except DistributedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
     returns = [r for _, r, _ in result.episodes[-100:]]
     mean = f"{np.mean(returns):.1f}" if returns else "n/a"
-    print(f"done: {result.timesteps} steps in {result.wall_time:.0f}s, last-100 return {mean}")
+    who = f"rank 0 of {trainer.world_size}: " if trainer.world_size > 1 else ""
+    if main:
+        done = f"done: {result.timesteps} steps in {result.wall_time:.0f}s"
+        print(f"{done}, {who}last-100 return {mean}")
     return 0
 
 

@@ -64,12 +64,7 @@ class PPOKFAC(KFACAlgorithm):
                 vl = value_loss(values, batch.values[idx], batch.returns[idx], cfg.clip_range_vf)
                 entropy = dist.entropy().mean()
                 loss = pg - cfg.ent_coef * entropy + cfg.vf_coef * vl
-                opt.zero_grad()
-                loss.backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                if lr > 0:
-                    opt.step()
+                self.step_on(loss, lr)
                 steps += 1
                 sums["policy"] += pg.detach()
                 sums["value"] += vl.detach()
@@ -77,7 +72,7 @@ class PPOKFAC(KFACAlgorithm):
                 if cfg.target_kl is not None:
                     with torch.no_grad():
                         log_ratio = log_probs - batch.log_probs[idx]
-                        approx = float(((log_ratio.exp() - 1) - log_ratio).mean())
+                        approx = self.global_mean(((log_ratio.exp() - 1) - log_ratio).mean())
                     if approx > 1.5 * cfg.target_kl:
                         stop = True
                         break
@@ -86,7 +81,7 @@ class PPOKFAC(KFACAlgorithm):
         with torch.no_grad():
             kl = old_dist.kl(policy(batch.obs)[0]).mean()
         if self.kl_damping is not None:
-            self.set_damping(self.kl_damping.update(self.damping, float(kl)))
+            self.set_damping(self.kl_damping.update(self.damping, self.global_mean(kl)))
         return {
             "train/policy_loss": sums["policy"] / steps,
             "train/value_loss": sums["value"] / steps,

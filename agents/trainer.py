@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import sys
 import time
@@ -24,6 +25,7 @@ from agents.networks import ActorCritic
 from agents.normalize import Normalizer
 from agents.ppo_kfac import PPOKFAC
 from agents.rollout import RolloutCollector
+from rl_kfac.distributed import init_distributed
 
 ALGORITHMS: dict[str, type[KFACAlgorithm]] = {"acktr": ACKTR, "ppo_kfac": PPOKFAC}
 
@@ -55,8 +57,21 @@ class TrainResult:
     update_time: float = 0.0
 
 
+def _rank_device(device: torch.device) -> torch.device:
+    """Under torchrun, each process takes the GPU of its local rank."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
 class Trainer:
-    """Owns envs, policy, algorithm, logger and checkpoints of one run."""
+    """Owns envs, policy, algorithm, logger and checkpoints of one run.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs one Trainer with its own environments
+    and seed; updates are averaged across ranks (see :class:`agents.algorithm.KFACAlgorithm`),
+    ``timesteps`` counts all ranks' steps, and rank 0 alone logs and writes checkpoints.
+    """
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: dict[str, Any] | None = None,
                  progress: bool = True) -> None:  # fmt: skip
@@ -69,7 +84,10 @@ class Trainer:
                 "or choose another --log-dir"
             )
         check_env_id(cfg.env_id)
-        self.device = resolve_device(cfg.device)
+        self.device = _rank_device(resolve_device(cfg.device))
+        self.comm = init_distributed(self.device)  # every rank has passed the checks above
+        self.rank = self.comm.rank if self.comm else 0
+        self.world_size = self.comm.world_size if self.comm else 1
         seed_everything(cfg.seed)
         self.envs = make_vec_env(cfg.env_id, cfg.n_envs, cfg.vec_env, cfg.frame_stack)
         obs_space = self.envs.single_observation_space
@@ -79,7 +97,10 @@ class Trainer:
             self.envs.close()
             raise
         self.policy.to(self.device)
-        self.algo = ALGORITHMS[cfg.algo](self.policy, cfg)
+        if self.comm is not None:  # same initial weights everywhere, own action noise per rank
+            self.comm.broadcast(list(self.policy.state_dict().values()), src=0)
+            seed_everything(cfg.seed + self.rank)
+        self.algo = ALGORITHMS[cfg.algo](self.policy, cfg, self.comm)
         assert obs_space.shape is not None
         self.normalizer = Normalizer(
             obs_space.shape, cfg.n_envs, cfg.gamma, cfg.normalize_obs, cfg.normalize_reward
@@ -91,18 +112,23 @@ class Trainer:
             self.algo.optimizer.load_state_dict(resume["optimizer"])
             self.normalizer.load_state_dict(resume["normalizer"])
             self.timesteps, self.updates = int(resume["timesteps"]), int(resume["updates"])
-            set_rng_state(resume["rng"])
+            set_rng_state(resume["rng"])  # rank 0's: other ranks re-seed below
             env_seed = cfg.seed + self.updates  # fresh episodes, not the ones already seen
+        if self.rank > 0:
+            seed_everything(cfg.seed + self.rank + 7919 * self.updates)
+            env_seed += 1_000_003 * self.rank
         self.collector = RolloutCollector(
             self.envs, self.policy, cfg.n_steps, cfg.gamma, cfg.gae_lambda, self.normalizer,
             self.device, env_seed,
         )  # fmt: skip
         self.run_dir = run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        # purge_step drops events logged after the checkpoint by an interrupted earlier run
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.timesteps or None)
-        self.show_progress = progress and sys.stderr.isatty()
+        self.writer: SummaryWriter | None = None
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            # purge_step drops events logged after the checkpoint by an interrupted earlier run
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=self.timesteps or None)
+        self.show_progress = progress and sys.stderr.isatty() and self.rank == 0
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -117,7 +143,10 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> Path:
-        return save_checkpoint(self.run_dir / name, self.state())
+        path = self.run_dir / name
+        if self.rank == 0:  # all ranks hold the same weights and optimizer state
+            save_checkpoint(path, self.state())
+        return path
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -131,7 +160,7 @@ class Trainer:
         try:
             while self.timesteps < cfg.total_timesteps:
                 batch = self.collector.collect()
-                self.timesteps += len(batch)
+                self.timesteps += len(batch) * self.world_size
                 t0 = time.perf_counter()
                 stats = self.algo.update(batch, self.timesteps / cfg.total_timesteps)
                 result.update_time += time.perf_counter() - t0
@@ -140,9 +169,9 @@ class Trainer:
                     result.episodes.append((start_steps + step, ret, length))
                 self.collector.finished.clear()
                 fps = (self.timesteps - start_steps) / (time.perf_counter() - start)
-                if self.updates % cfg.log_interval == 0:
-                    self._log(stats, fps)
-                bar.update(len(batch))
+                if self.updates % cfg.log_interval == 0 and self.writer is not None:
+                    self._log(self.writer, stats, fps)
+                bar.update(len(batch) * self.world_size)
                 if self.collector.episode_returns:
                     ep = float(np.mean(self.collector.episode_returns))
                     bar.set_postfix(fps=f"{fps:.0f}", ep_rew=f"{ep:.1f}", refresh=False)
@@ -154,28 +183,26 @@ class Trainer:
             raise
         finally:
             bar.close()
-            self.writer.flush()
+            if self.writer is not None:
+                self.writer.flush()
         self.save()
         self.close()
         result.timesteps = self.timesteps
         result.wall_time = time.perf_counter() - start
         return result
 
-    def _log(self, stats: Stats, fps: float) -> None:
+    def _log(self, writer: SummaryWriter, stats: Stats, fps: float) -> None:
         step = self.timesteps
-        if self.collector.episode_returns:
-            self.writer.add_scalar(
-                "rollout/ep_rew_mean", np.mean(self.collector.episode_returns), step
-            )
-            self.writer.add_scalar(
-                "rollout/ep_len_mean", np.mean(self.collector.episode_lengths), step
-            )
-        self.writer.add_scalar("time/fps", fps, step)
+        if self.collector.episode_returns:  # rank 0's episodes
+            writer.add_scalar("rollout/ep_rew_mean", np.mean(self.collector.episode_returns), step)
+            writer.add_scalar("rollout/ep_len_mean", np.mean(self.collector.episode_lengths), step)
+        writer.add_scalar("time/fps", fps, step)
         for key, value in stats.items():
-            self.writer.add_scalar(key, float(value), step)  # the only device->host read
+            writer.add_scalar(key, float(value), step)  # the only device->host read
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         self.envs.close()
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rl_kfac import KFAC
-from rl_kfac.distributed import Communicator, DistributedError, allreduce_gradients
+from rl_kfac.distributed import Communicator, DistributedError, allreduce_gradients, shutdown
 
 WORLD = 2
 STEPS = 4
@@ -142,3 +146,77 @@ def test_assignment_balances_factor_sizes():
 def test_communicator_needs_an_initialised_group():
     with pytest.raises(ValueError, match="not initialised"):
         Communicator()
+
+
+# -- the training script on N ranks ------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trainer_worker(rank: int, port: int, out: str, resume: bool) -> None:
+    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    from agents.config import load_config
+    from agents.trainer import Trainer, trainer_from_checkpoint
+
+    run = Path(out) / "run"
+    if resume:
+        trainer = trainer_from_checkpoint(run / "last.pt", {"total_timesteps": 4800})
+    else:
+        overrides = ["total_timesteps=3200", "n_envs=4", "log_interval=1", "normalize_obs=true"]
+        trainer = Trainer(load_config(ROOT / "configs/acktr/cartpole.yaml", overrides), run)
+    trainer.train()
+    state = trainer.algo.optimizer.state_dict()["state"]
+    torch.save(
+        {"params": list(trainer.policy.parameters()), "state": state, "steps": trainer.timesteps},
+        Path(out) / f"{rank}.pt",
+    )
+    shutdown()
+
+
+def rank_results(out: Path) -> list[dict]:
+    return [torch.load(out / f"{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def assert_ranks_identical(results: list[dict]) -> None:
+    for p, q in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(p, q)
+    for key, state in results[0]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, results[1]["state"][key][name]), (key, name)
+
+
+def test_training_on_two_ranks_keeps_them_identical_and_resumes(tmp_path):
+    assert run_workers(trainer_worker, free_port(), str(tmp_path), False) == [0, 0]
+    results = rank_results(tmp_path)
+    assert [r["steps"] for r in results] == [3200, 3200]  # 4 envs x 20 steps x 2 ranks / update
+    assert_ranks_identical(results)
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())  # rank 0 alone writes
+    assert files[0] == "config.yaml" and files[2] == "last.pt" and len(files) == 3
+    assert files[1].startswith("events.out.tfevents")
+    ckpt = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert ckpt["timesteps"] == 3200 and ckpt["updates"] == 20
+    for p, q in zip(ckpt["policy"].values(), results[0]["params"]):
+        assert torch.equal(p, q)
+
+    assert run_workers(trainer_worker, free_port(), str(tmp_path), True) == [0, 0]
+    resumed = rank_results(tmp_path)
+    assert [r["steps"] for r in resumed] == [4800, 4800]
+    assert_ranks_identical(resumed)
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["updates"] == 30
+
+
+def test_torchrun_runs_the_training_script(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           str(ROOT / "scripts/train.py"), "--config", str(ROOT / "configs/ppo_kfac/cartpole.yaml"),
+           "--set", "total_timesteps=1600", "--log-dir", str(tmp_path / "run")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("run directory:") == 1  # printed by rank 0 only
+    assert "done: 1600 steps" in done.stdout and "rank 0 of 2" in done.stdout
