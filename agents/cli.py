@@ -72,7 +72,7 @@ def train_main(argv: list[str] | None = None) -> int:
     mean = f"{np.mean(returns):.1f}" if returns else "n/a"
     who = f"rank 0 of {trainer.world_size}: " if trainer.world_size > 1 else ""
     if main:
-        done = f"done: {result.timesteps} steps in {result.wall_time:.0f}s"
+        done = f"done: {result.timesteps} steps in {result.wall_time:.1f}s"
         print(f"{done}, {who}last-100 return {mean}")
     return 0
 

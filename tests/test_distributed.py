@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -115,21 +116,28 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
                 torch.testing.assert_close(value, reference[key][name], rtol=1e-10, atol=1e-12)
 
 
-def failing_worker(rank: int, init_file: str, out: str) -> None:
-    init(rank, init_file, 10)
+def failing_worker(rank: int, init_file: str, out: str, mode: str) -> None:
+    init(rank, init_file, 2)
     if rank == 1:
-        raise SystemExit(3)  # a rank that dies before the collective
+        if mode == "raise":
+            raise RuntimeError("rank 1 fails before the collective")
+        time.sleep(8)  # stalls past the others' timeout
+        return
+    start = time.perf_counter()
     try:
         Communicator().average([torch.ones(3)])
     except DistributedError:
-        (Path(out) / "error.txt").write_text(traceback.format_exc())
+        took = time.perf_counter() - start
+        (Path(out) / "error.txt").write_text(f"{took:.1f}\n{traceback.format_exc()}")
         raise SystemExit(4) from None
 
 
-def test_a_dead_rank_stops_the_others_with_a_clear_error(tmp_path):
-    codes = run_workers(failing_worker, str(tmp_path / "init"), str(tmp_path))
-    assert codes == [4, 3]  # rank 0 did not hang: it raised DistributedError
-    message = (tmp_path / "error.txt").read_text()
+@pytest.mark.parametrize("mode", ["raise", "stall"])
+def test_a_failed_rank_stops_the_others_with_a_clear_error(tmp_path, mode):
+    codes = run_workers(failing_worker, str(tmp_path / "init"), str(tmp_path), mode)
+    assert codes == [4, 1 if mode == "raise" else 0]  # rank 0 did not hang
+    took, message = (tmp_path / "error.txt").read_text().split("\n", 1)
+    assert float(took) < 6  # the 2 s timeout (plus slack), not rank 1's 8 s
     assert "rank 0/2: all_reduce failed; another rank probably exited" in message
 
 
