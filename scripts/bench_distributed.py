@@ -32,13 +32,16 @@ def main() -> None:
     base = None
     for procs in [int(p) for p in args.procs.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={procs}",
                    str(ROOT / "scripts/train.py"), "--config", str(ROOT / args.config),
                    "--set", f"total_timesteps={args.timesteps}", "--log-dir", f"{tmp}/run",
                    *[x for o in args.overrides for x in ("--set", o)]]  # fmt: skip
             start = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"{procs} processes failed:\n{done.stderr[-3000:]}")
         match = re.search(r"done: (\d+) steps in ([\d.]+)s, (.*)", done.stdout)
         if match is None:
             raise RuntimeError(f"no result line in the output:\n{done.stdout}\n{done.stderr}")

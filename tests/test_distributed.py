@@ -221,7 +221,7 @@ def test_training_on_two_ranks_keeps_them_identical_and_resumes(tmp_path):
 
 
 def test_torchrun_runs_the_training_script(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "scripts/train.py"), "--config", str(ROOT / "configs/ppo_kfac/cartpole.yaml"),
            "--set", "total_timesteps=1600", "--log-dir", str(tmp_path / "run")]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
