@@ -69,6 +69,8 @@ def test_learn_records_statistics_and_steps(algo, kind):
     assert all(not torch.equal(b, a) for b, a in zip(before, after))
     logged = model.logger.name_to_value
     assert 0 < logged["kfac/step_scale"] <= 1 and logged["kfac/damping"] > 0
+    if algo is PPOKFAC:  # KL damping on by default: the update moved the policy
+        assert logged["kfac/kl"] > 0
 
 
 def first_layer_gram(model) -> torch.Tensor:

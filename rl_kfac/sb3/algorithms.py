@@ -8,6 +8,7 @@ training forward, SB3 back-propagates its loss, clips the gradient norm and call
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -106,7 +107,8 @@ class _KFACTraining:
 
     @torch.no_grad()
     def _distributions(self, states: list[Any]) -> list[Distribution]:
-        return [self.policy.get_distribution(s) for s in states]
+        # SB3 policies return their one distribution object, re-filled on every call: keep copies
+        return [copy.copy(self.policy.get_distribution(s)) for s in states]
 
 
 class ACKTR(_KFACTraining, A2C):
