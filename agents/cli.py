@@ -54,7 +54,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from rl_kfac.distributed import DistributedError, shutdown
+    from rl_kfac.distributed import DistributedError, exit_after_failure, shutdown
 
     main = trainer.rank == 0
     if main:
@@ -65,7 +65,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return 130
     except DistributedError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        exit_after_failure(1)
     finally:
         shutdown()
     returns = [r for _, r, _ in result.episodes[-100:]]

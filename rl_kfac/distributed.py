@@ -17,8 +17,9 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -141,3 +142,14 @@ def shutdown() -> None:
     """Leave the process group, if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_after_failure(code: int) -> NoReturn:
+    """Leave the process at once after a failed collective.
+
+    The broken process group's background threads can turn the interpreter's normal shutdown
+    into ``std::terminate`` (SIGABRT); output is flushed first.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

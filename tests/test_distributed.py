@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from rl_kfac import KFAC
-from rl_kfac.distributed import Communicator, DistributedError, allreduce_gradients, shutdown
+from rl_kfac.distributed import (
+    Communicator,
+    DistributedError,
+    allreduce_gradients,
+    exit_after_failure,
+    shutdown,
+)
 
 WORLD = 2
 STEPS = 4
@@ -129,7 +135,7 @@ def failing_worker(rank: int, init_file: str, out: str, mode: str) -> None:
     except DistributedError:
         took = time.perf_counter() - start
         (Path(out) / "error.txt").write_text(f"{took:.1f}\n{traceback.format_exc()}")
-        raise SystemExit(4) from None
+        exit_after_failure(4)  # as the training CLI does
 
 
 @pytest.mark.parametrize("mode", ["raise", "stall"])
