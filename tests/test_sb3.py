@@ -110,6 +110,22 @@ def test_drop_in_optimizer_uses_the_empirical_fisher_of_training_batches():
     torch.testing.assert_close(opt.state[first.weight]["A"], first_layer_gram(model))
 
 
+def test_drop_in_optimizer_with_sb3_cnn_policy():
+    model = A2C(
+        "CnnPolicy",
+        image_env(discrete=True),
+        n_steps=4,
+        learning_rate=0.25,
+        policy_kwargs=dict(optimizer_class=KFAC, optimizer_kwargs={"statistics": "empirical"}),
+        seed=0,
+    )
+    model.learn(16)
+    opt = model.policy.optimizer
+    assert len(opt.blocks) == layer_count(model.policy)  # convs found on the first forward
+    assert opt.counters["statistics_updates"] == opt.counters["steps"] == 2
+    assert all("A" in opt.state[b.weight] for b in opt.blocks)
+
+
 def same_next_update(model, loaded) -> None:
     """Both take one update on the same rollout with the same Fisher samples: equal results."""
     loaded.rollout_buffer = copy.deepcopy(model.rollout_buffer)
