@@ -134,19 +134,60 @@ def test_empirical_statistics_come_from_the_training_loss(by_params):
         torch.testing.assert_close(got, e, rtol=1e-7, atol=1e-10)
 
 
-def test_factors_and_running_average_start_from_first_batch():
+class RepeatedMiddle(nn.Module):
+    """An MLP whose middle layer is applied ``calls`` times per forward pass."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(5, 7), nn.Linear(7, 7), nn.Linear(7, 4)
+        self.calls = calls
+
+    def forward(self, x):
+        return self.reference(x)[0]
+
+    def reference(self, x):
+        """Logits and, per call, (layer, input, pre-activation) with the pre-activations kept."""
+        calls = []
+        h = x
+        for layer in (self.l1, *[self.l2] * self.calls, self.l3):
+            s = layer(h)
+            calls.append((layer, h, s))
+            h = torch.tanh(s)
+        return s, calls
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_running_factors_equal_their_definition_for_every_layer(calls):
+    """m_1 = F_1, m_k = d·m_{k-1} + (1-d)·F_k for A and G of every layer, F_k the batch
+    factors (a layer called C times: the mean of its C per-call factors), from activations and
+    output gradients taken with autograd here."""
     torch.manual_seed(1)
-    model = MLP(False)
-    opt = exact_opts(model, stat_decay=0.7)
-    batches = [torch.randn(16, 5) for _ in range(3)]
-    expected_a = None
-    for x in batches:
-        a_new = factors_linear(x, torch.zeros(16, 7))[0]
-        expected_a = a_new if expected_a is None else 0.7 * expected_a + 0.3 * a_new
-        fisher, _ = losses(model(x), torch.randint(0, 4, (16,)), torch.zeros(16, dtype=torch.long))
+    model, decay = RepeatedMiddle(calls), 0.7
+    opt = exact_opts(model, stat_decay=decay)
+    layers = [model.l1, model.l2, model.l3]
+    expected: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    for _ in range(4):
+        x, targets = torch.randn(16, 5), torch.randint(0, 4, (16,))
+        logits, calls = model.reference(x)
+        outs = [s for _, _, s in calls]
+        grads = torch.autograd.grad(F.cross_entropy(logits, targets), outs)
+        for layer in layers:
+            mine = [
+                factors_linear(h.detach(), g)
+                for (lay, h, _), g in zip(calls, grads)
+                if lay is layer
+            ]
+            new = [sum(f[i] for f in mine) / len(mine) for i in (0, 1)]
+            old = expected.get(layer)
+            if old is not None:
+                new = [decay * m + (1 - decay) * n for m, n in zip(old, new)]
+            expected[layer] = (new[0], new[1])
         with opt.record_statistics():
-            fisher.backward()
-    torch.testing.assert_close(opt.state[model.l1.weight]["A"], expected_a)
+            F.cross_entropy(model(x), targets).backward()
+    for layer in layers:
+        state = opt.state[layer.weight]
+        torch.testing.assert_close(state["A"], expected[layer][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state["G"], expected[layer][1], rtol=1e-12, atol=1e-12)
 
 
 def test_linear_with_leading_dims_expands_into_rows():
