@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from agents.algorithm import KFACAlgorithm, Stats
+from agents.algorithm import KFACAlgorithm, Stats, normalize
 from agents.networks import Distribution
 from agents.rollout import Batch
 from rl_kfac.damping import LevenbergMarquardt
@@ -26,7 +26,8 @@ from rl_kfac.fisher import value_fisher_loss
 class ACKTR(KFACAlgorithm):
     def a2c_loss(self, dist: Distribution, values: Tensor, batch: Batch) -> tuple[Tensor, ...]:
         entropy = dist.entropy().mean()
-        policy_loss = -(batch.advantages * dist.log_prob(batch.actions)).mean()
+        adv = normalize(batch.advantages) if self.cfg.normalize_advantage else batch.advantages
+        policy_loss = -(adv * dist.log_prob(batch.actions)).mean()
         value_loss = F.mse_loss(values, batch.returns)
         loss = policy_loss - self.cfg.ent_coef * entropy + self.cfg.vf_coef * value_loss
         return loss, policy_loss, value_loss, entropy

@@ -15,6 +15,11 @@ from rl_kfac.distributed import Communicator, allreduce_gradients, average_scala
 Stats = dict[str, float | Tensor]
 
 
+def normalize(advantages: Tensor) -> Tensor:
+    """Zero mean and unit standard deviation over the batch."""
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
 class KFACAlgorithm:
     """Base of our agents: ``update(batch, progress)`` runs one update and returns log scalars.
 

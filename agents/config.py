@@ -65,7 +65,9 @@ class Config:
     batch_size: int = 64
     clip_range: float = 0.2
     clip_range_vf: float | None = None
-    normalize_advantage: bool = True
+    # advantages to zero mean, unit std per (mini)batch; null: PPO-KFAC yes, ACKTR no (as SB3's
+    # PPO and A2C)
+    normalize_advantage: bool | None = None
     target_kl: float | None = None  # early stop of an update's epochs
     # network
     arch: str = "mlp"

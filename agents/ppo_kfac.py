@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from agents.algorithm import KFACAlgorithm, Stats
+from agents.algorithm import KFACAlgorithm, Stats, normalize
 from agents.rollout import Batch
 from rl_kfac.fisher import value_fisher_loss
 
@@ -36,10 +36,6 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor,
     return torch.max((returns - values).pow(2), (returns - clipped).pow(2)).mean()
 
 
-def normalize(advantages: Tensor) -> Tensor:
-    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-
-
 class PPOKFAC(KFACAlgorithm):
     def update(self, batch: Batch, progress: float) -> Stats:
         cfg, opt, policy = self.cfg, self.optimizer, self.policy
@@ -59,7 +55,8 @@ class PPOKFAC(KFACAlgorithm):
                     opt.fisher_backward(fisher)
                 log_probs = dist.log_prob(batch.actions[idx])
                 adv = batch.advantages[idx]
-                adv = normalize(adv) if cfg.normalize_advantage and len(idx) > 1 else adv
+                if cfg.normalize_advantage is not False and len(idx) > 1:  # null: normalise
+                    adv = normalize(adv)
                 pg = clipped_surrogate(log_probs, batch.log_probs[idx], adv, cfg.clip_range)
                 vl = value_loss(values, batch.values[idx], batch.returns[idx], cfg.clip_range_vf)
                 entropy = dist.entropy().mean()

@@ -1,4 +1,4 @@
-"""PPO-KFAC loss pieces by hand, the damping controllers against their specification."""
+"""PPO-KFAC and ACKTR loss pieces by hand, the damping controllers against their specification."""
 
 from __future__ import annotations
 
@@ -40,6 +40,29 @@ def test_advantage_normalisation():
     a = normalize(torch.tensor([1.0, 2.0, 3.0, 6.0]))
     assert float(a.mean()) == pytest.approx(0.0, abs=1e-6)
     assert float(a.std()) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("normalize_advantage", [None, False, True])
+def test_acktr_policy_loss_normalises_advantages_only_when_asked(normalize_advantage):
+    import gymnasium as gym
+
+    from agents.acktr import ACKTR
+    from agents.config import Config
+    from agents.networks import ActorCritic
+    from agents.rollout import Batch
+
+    torch.manual_seed(0)
+    cfg = Config(normalize_advantage=normalize_advantage)
+    policy = ActorCritic(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Discrete(4), cfg.policy_spec())
+    obs, actions = torch.randn(6, 3), torch.randint(0, 4, (6,))
+    adv = torch.tensor([3.0, -1.0, 0.5, 2.0, -4.0, 1.0])
+    batch = Batch(obs, actions, torch.zeros(6), torch.zeros(6), adv, torch.zeros(6))
+    dist, values = policy(obs)
+    policy_loss = ACKTR(policy, cfg).a2c_loss(dist, values, batch)[1].detach()
+    log_p = torch.distributions.Categorical(logits=dist.logits.detach()).log_prob(actions)
+    if normalize_advantage:
+        adv = (adv - adv.mean()) / adv.std()
+    assert float(policy_loss) == pytest.approx(float(-(adv * log_p).mean()), abs=1e-6)
 
 
 def test_kl_damping_is_monotone_bounded_and_moves_toward_the_target():

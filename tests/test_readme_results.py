@@ -1,0 +1,54 @@
+"""README results table == `scripts/benchmark.py --report` of the committed CSVs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts/benchmark.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_table_matches_committed_results():
+    bench = load_benchmark()
+    readme = (ROOT / "README.md").read_text()
+    assert bench.readme_block(readme) == bench.render_report(ROOT / "bench_results"), (
+        "README results differ from bench_results/: run `python scripts/benchmark.py --report`"
+    )
+
+
+def test_report_rows_count_and_median_by_hand(tmp_path):
+    bench = load_benchmark()
+    rows = [  # LunarLander: seeds 0-4 are its tuning seeds, 5-6 held out
+        ("acktr", 0, "100000", 250.0),
+        ("acktr", 1, "", 120.0),
+        ("acktr", 2, "300000", 230.0),
+        ("acktr", 3, "", 150.0),
+        ("acktr", 4, "", 110.0),
+        ("acktr", 5, "200000", 240.0),
+        ("acktr", 6, "400000", 210.0),
+    ]
+    out = tmp_path / "LunarLander-v3" / "acktr"
+    out.mkdir(parents=True)
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["algo", "env", "seed", "timesteps", "first_to_threshold",
+                         "final_last100", "wall_s", "commit"])  # fmt: skip
+        for algo, seed, first, final in rows:
+            writer.writerow([algo, "LunarLander-v3", seed, 500000, first, final, 50.0, "abc1234"])
+    table = bench.render_report(tmp_path).splitlines()
+    assert len(table) == 4
+    # tuning seeds: 2 of 5 reached; median of (100k, inf, 300k, inf, inf) is inf -> never
+    assert "| 0-4 (tuning) | 2 of 5 | never | 100.0k, never, 300.0k, never, never |" in table[2]
+    assert "| 150; 250, 120, 230, 150, 110 |" in table[2]
+    # held out: median of 200k and 400k
+    assert "| 5-6 (held out) | 2 of 2 | 300.0k | 200.0k, 400.0k | 225; 240, 210 |" in table[3]
+    assert table[3].endswith("| 50 s | abc1234 |")
