@@ -285,7 +285,8 @@ def write_report(readme: Path, root: Path) -> None:
 
 
 def _provenance() -> dict[str, str]:
-    """The commit (``+dirty`` with uncommitted changes) and package versions behind a run."""
+    """The commit (``+dirty`` if the code or configs had uncommitted changes) and package
+    versions behind a run."""
     import gymnasium
     import stable_baselines3
     import torch
@@ -297,7 +298,8 @@ def _provenance() -> dict[str, str]:
             return ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    code = ("rl_kfac", "agents", "configs", "scripts", "pyproject.toml")
+    if git("status", "--porcelain", "--untracked-files=no", "--", *code):
         commit += "+dirty"
     return {"commit": commit, "torch": torch.__version__, "gymnasium": gymnasium.__version__,
             "sb3": stable_baselines3.__version__, "threads": "1"}  # fmt: skip
