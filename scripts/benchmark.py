@@ -410,7 +410,8 @@ def main() -> None:
     episodes = [(r["algo"], r["seed"], st, x) for r in results for st, x in r["episodes"]]
     rows, episodes = _merge(out, rows, episodes)  # runs of other seeds/algos already there stay
     with open(out / "runs.csv", "w", newline="") as f:
-        table = csv.DictWriter(f, fieldnames=list(rows[0]))
+        columns = list(dict.fromkeys(k for r in rows for k in r))  # older files: fewer columns
+        table = csv.DictWriter(f, fieldnames=columns, restval="")
         table.writeheader()
         table.writerows(rows)
     with open(out / "episodes.csv", "w", newline="") as f:
