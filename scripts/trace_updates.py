@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+ALWAYS = ("actions", "grads", "params", "step_scale")  # kept for every update; the rest: --detail
+
 
 def record(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
@@ -80,8 +82,7 @@ def record(args: argparse.Namespace) -> None:
             trainer.algo.update(batch, trainer.timesteps / cfg.total_timesteps)
             entry = {"obs": batch.obs.clone(), "actions": batch.actions.clone(), **current}
             if u >= detail:
-                entry = {k: v for k, v in entry.items() if k in ("actions", "grads", "params",
-                                                                 "step_scale")}  # fmt: skip
+                entry = {k: v for k, v in entry.items() if k in ALWAYS}
             log.append(entry)
             current = {}
         trainer.close()
