@@ -19,8 +19,7 @@ from torch import Tensor
 from agents.algorithm import KFACAlgorithm, Stats, normalize
 from agents.networks import Distribution
 from agents.rollout import Batch
-from rl_kfac.damping import LevenbergMarquardt
-from rl_kfac.fisher import value_fisher_loss
+from rl_kfac.actor_critic import adapt_damping_lm, record_fisher
 
 
 class ACKTR(KFACAlgorithm):
@@ -37,27 +36,22 @@ class ACKTR(KFACAlgorithm):
         lr = self.set_learning_rate(progress)
 
         dist, values = self.policy(batch.obs)
-        if opt.statistics_due:
-            opt.fisher_backward(dist.fisher_loss() + cfg.vf_fisher_coef * value_fisher_loss(values))
+        record_fisher(opt, dist.fisher_loss, values, cfg.vf_fisher_coef)
         loss, policy_loss, value_loss, entropy = self.a2c_loss(dist, values, batch)
         self.step_on(loss, lr)
 
         with torch.no_grad():
             new_dist, new_values = self.policy(batch.obs)
             kl = dist.detach().kl(new_dist).mean()
-            if self.kl_damping is not None:
-                self.set_damping(self.kl_damping.update(self.damping, self.global_mean(kl)))
+            self.adapt_damping(kl)
             if self.lm_damping is not None and lr > 0:
                 actual = self.global_mean(self.a2c_loss(new_dist, new_values, batch)[0] - loss)
-                diag = opt.diagnostics
-                step = lr * diag["step_scale"]
-                predicted = LevenbergMarquardt.predicted_change(diag["quadratic"], step)
-                self.set_damping(self.lm_damping.update(self.damping, actual, predicted))
+                adapt_damping_lm(opt, self.lm_damping, actual, lr)
         return {
             "train/policy_loss": policy_loss.detach(),
             "train/value_loss": value_loss.detach(),
             "train/entropy": entropy.detach(),
             "train/approx_kl": kl,
             "train/learning_rate": lr,
-            **self.kfac_stats(),
+            **opt.diagnostics.scalars(),
         }

@@ -9,6 +9,7 @@ from agents.config import Config
 from agents.networks import ActorCritic
 from agents.rollout import Batch
 from rl_kfac import KFAC
+from rl_kfac.actor_critic import adapt_damping_to_kl
 from rl_kfac.damping import KLDampingController, LevenbergMarquardt
 from rl_kfac.distributed import Communicator, allreduce_gradients, average_scalar
 
@@ -61,14 +62,6 @@ class KFACAlgorithm:
             else None
         )
 
-    @property
-    def damping(self) -> float:
-        return float(self.optimizer.param_groups[0]["damping"])
-
-    def set_damping(self, value: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["damping"] = value
-
     def set_learning_rate(self, progress: float) -> float:
         """Linear decay to 0 at the end of training, or constant; returns the new rate."""
         lr = (
@@ -94,14 +87,10 @@ class KFACAlgorithm:
         """``value`` averaged over ranks (itself in a single process)."""
         return average_scalar(value, self.comm)
 
-    def kfac_stats(self) -> Stats:
-        diag = self.optimizer.diagnostics
-        return {
-            "kfac/step_scale": diag.get("step_scale", 1.0),
-            "kfac/damping": self.damping,
-            "kfac/quadratic": diag.get("quadratic", 0.0),
-            "kfac/skipped_steps": diag.get("skipped_steps", 0.0),
-        }
+    def adapt_damping(self, kl: Tensor) -> None:
+        """KL-based damping from this update's KL(π_old ‖ π_new), averaged over ranks."""
+        if self.kl_damping is not None:
+            adapt_damping_to_kl(self.optimizer, self.kl_damping, self.global_mean(kl))
 
     def update(self, batch: Batch, progress: float) -> Stats:
         raise NotImplementedError

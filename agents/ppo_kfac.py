@@ -16,7 +16,7 @@ from torch import Tensor
 
 from agents.algorithm import KFACAlgorithm, Stats, normalize
 from agents.rollout import Batch
-from rl_kfac.fisher import value_fisher_loss
+from rl_kfac.actor_critic import record_fisher
 
 
 def clipped_surrogate(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
@@ -50,9 +50,7 @@ class PPOKFAC(KFACAlgorithm):
         for _ in range(cfg.n_epochs):
             for idx in torch.randperm(n, device=batch.obs.device).split(size):
                 dist, values = policy(batch.obs[idx])
-                if opt.statistics_due:
-                    fisher = dist.fisher_loss() + cfg.vf_fisher_coef * value_fisher_loss(values)
-                    opt.fisher_backward(fisher)
+                record_fisher(opt, dist.fisher_loss, values, cfg.vf_fisher_coef)
                 log_probs = dist.log_prob(batch.actions[idx])
                 adv = batch.advantages[idx]
                 if cfg.normalize_advantage is not False and len(idx) > 1:  # null: normalise
@@ -77,8 +75,7 @@ class PPOKFAC(KFACAlgorithm):
                 break
         with torch.no_grad():
             kl = old_dist.kl(policy(batch.obs)[0]).mean()
-        if self.kl_damping is not None:
-            self.set_damping(self.kl_damping.update(self.damping, self.global_mean(kl)))
+        self.adapt_damping(kl)
         return {
             "train/policy_loss": sums["policy"] / steps,
             "train/value_loss": sums["value"] / steps,
@@ -86,5 +83,5 @@ class PPOKFAC(KFACAlgorithm):
             "train/approx_kl": kl,
             "train/learning_rate": lr,
             "train/n_updates": steps,
-            **self.kfac_stats(),
+            **opt.diagnostics.scalars(),
         }

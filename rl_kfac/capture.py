@@ -1,10 +1,12 @@
 """Finding the supported layers and capturing their inputs and output gradients.
 
-A forward hook on each layer attaches a *tensor* hook to the layer's output (not a module
-backward hook, which breaks when the next op is an in-place ReLU). The tensor hook fires during
-every backward pass, but only keeps ``(input, output-grad)`` while ``recording`` is on, i.e.
-inside ``KFAC.record_statistics()``. Forward passes without autograd (rollouts under
-``torch.no_grad()``) register nothing.
+First stage of the K-FAC pipeline (capture → statistics → curvature → step). A forward hook on
+each layer attaches a *tensor* hook to the layer's output (not a module backward hook, which
+breaks when the next op is an in-place ReLU). Forward hooks act only while the capture is
+*armed* (statistics are due this step); the tensor hook fires during every backward pass but
+keeps a :class:`Record` only inside :meth:`StatisticsCapture.recording` (or always, for the
+empirical Fisher). Forward passes without autograd (rollouts under ``torch.no_grad()``) register
+nothing.
 
 Hooks are small picklable objects rather than closures, so ``copy.deepcopy((model, optimizer))``
 and pickling give a copy whose hooks feed the copied optimizer.
@@ -12,7 +14,8 @@ and pickling give a copy whose hooks feed the copied optimizer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -21,7 +24,13 @@ from torch.utils.hooks import RemovableHandle
 
 from rl_kfac.blocks import Block, ConvApprox, is_supported, make_block
 
-Record = tuple[Block, Tensor, Tensor]
+
+class Record(NamedTuple):
+    """One backward pass through one layer call: what its Kronecker factors are built from."""
+
+    block: Block
+    inputs: Tensor  # the layer's input a
+    grad_output: Tensor  # ∂L/∂s at the layer's output s
 
 
 class LoggedCall(NamedTuple):
@@ -38,9 +47,7 @@ class _GradHook:
         self.capture, self.block, self.inputs = capture, block, inputs
 
     def __call__(self, grad: Tensor) -> None:
-        cap = self.capture
-        if (cap.recording or cap.empirical) and (cap.only is None or self.block in cap.only):
-            cap.records.append((self.block, self.inputs, grad))
+        self.capture._on_backward(Record(self.block, self.inputs, grad))
 
 
 class _ForwardHook:
@@ -48,19 +55,7 @@ class _ForwardHook:
         self.capture, self.block = capture, block
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        cap = self.capture
-        if (
-            cap.armed
-            and torch.is_grad_enabled()
-            and isinstance(output, Tensor)
-            and output.requires_grad
-            and args
-            and isinstance(args[0], Tensor)
-        ):
-            output.register_hook(_GradHook(cap, self.block, args[0]))
-            cap.forward_log.append(
-                LoggedCall(self.block, not args[0].requires_grad, output, output._version)
-            )
+        self.capture._on_forward(self.block, args, output)
 
 
 class _DiscoveryHook:
@@ -82,22 +77,91 @@ class _DiscoveryHook:
 
 
 class StatisticsCapture:
-    """Owns the hooks and the records taken during one ``record_statistics()`` context."""
+    """Owns the hooks, and the records and forward calls logged since they were last taken.
 
-    def __init__(self, conv_approx: ConvApprox) -> None:
+    Args:
+        conv_approx: how blocks of ``nn.Conv2d`` layers turn positions into rows.
+        empirical: record from every backward pass (the empirical Fisher), not only inside
+            :meth:`recording`.
+    """
+
+    def __init__(self, conv_approx: ConvApprox, empirical: bool = False) -> None:
         self.conv_approx: ConvApprox = conv_approx
+        self.empirical = empirical
         self.blocks: dict[nn.Module, Block] = {}
         self.unsupported: list[str] = []
         self._wanted_params: list[Tensor] = []  # parameters whose owning layer is still unknown
         self.wanted: set[int] = set()  # their ids (rebuilt after a copy: ids change)
-        self.armed = True
-        self.recording = False
-        self.empirical = False  # record from every backward pass (the empirical Fisher)
-        self.records: list[Record] = []
-        self.only: set[Block] | None = None  # restricts recording to these blocks
-        self.forward_log: list[LoggedCall] = []
+        self._armed = True
+        self._recording = False
+        self._records: list[Record] = []
+        self._only: set[Block] | None = None  # restricts recording to these blocks
+        self._forward_log: list[LoggedCall] = []
         self._handles: list[RemovableHandle] = []
         self._discovery: RemovableHandle | None = None
+
+    # -- what the hooks report ------------------------------------------------------------------
+    def _on_forward(self, block: Block, args: tuple[Any, ...], output: Any) -> None:
+        if (
+            self._armed
+            and torch.is_grad_enabled()
+            and isinstance(output, Tensor)
+            and output.requires_grad
+            and args
+            and isinstance(args[0], Tensor)
+        ):
+            output.register_hook(_GradHook(self, block, args[0]))
+            self._forward_log.append(
+                LoggedCall(block, not args[0].requires_grad, output, output._version)
+            )
+
+    def _on_backward(self, record: Record) -> None:
+        if (self._recording or self.empirical) and (
+            self._only is None or record.block in self._only
+        ):
+            self._records.append(record)
+
+    # -- what the optimizer asks ----------------------------------------------------------------
+    @property
+    def armed(self) -> bool:
+        """Whether forward passes are logged and hooked (statistics are due)."""
+        return self._armed
+
+    def arm(self, due: bool) -> None:
+        """Log and hook the coming forward passes or not; drops the calls logged so far."""
+        self._armed = due
+        self._forward_log.clear()
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Keep the records of the backward passes run inside; the forward log is spent after."""
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+            self._forward_log.clear()
+
+    @contextmanager
+    def restricted_to(self, blocks: Iterable[Block]) -> Iterator[None]:
+        """Record only ``blocks`` inside (a second backward pass must not count others twice)."""
+        self._only = set(blocks)
+        try:
+            yield
+        finally:
+            self._only = None
+
+    def take_records(self) -> list[Record]:
+        records, self._records = self._records, []
+        return records
+
+    def recorded_blocks(self) -> set[Block]:
+        """Blocks with at least one record not yet taken."""
+        return {r.block for r in self._records}
+
+    def take_forward_log(self) -> list[LoggedCall]:
+        log, self._forward_log = self._forward_log, []
+        return log
 
     # -- finding layers -------------------------------------------------------------------------
     def add_module(self, module: nn.Module, name: str) -> _ForwardHook | None:
@@ -149,18 +213,20 @@ class StatisticsCapture:
             handle.remove()
         self._handles.clear()
 
-    def take_records(self) -> list[Record]:
-        records, self.records = self.records, []
-        return records
+    def __repr__(self) -> str:
+        return (
+            f"StatisticsCapture(blocks={len(self.blocks)}, conv_approx={self.conv_approx!r}, "
+            f"empirical={self.empirical}, armed={self._armed}, discovering={self.discovering})"
+        )
 
     # -- pickling: the global hook handle points into torch's module-level registry ------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_discovery"] = self._discovery is not None
         state["wanted"] = None
-        state["records"] = []
-        state["forward_log"] = []
-        state["recording"] = False
+        state["_records"] = []
+        state["_forward_log"] = []
+        state["_recording"] = False
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -1,4 +1,9 @@
-"""Eigendecompositions and batched preconditioning of many blocks at once.
+"""Third stage: eigendecompositions of the running factors, and batched preconditioning.
+
+:class:`Curvature` decomposes every block's running A and G (``A = Q_A diag(e_A) Q_Aᵀ``; the
+eigenvalues, eigenvectors and the π of factored damping are kept in the optimizer's
+per-parameter state as ``eA, QA, eG, QG, pi``) and lays the blocks of each parameter group out
+in buckets that precondition with them (damping: :mod:`rl_kfac.damping`).
 
 Small networks spend their K-FAC time in per-layer Python and kernel-launch overhead, not in
 arithmetic. Blocks are therefore grouped into *buckets*: the gradients ``[W | b]`` of all blocks in
@@ -10,11 +15,17 @@ per-call overhead (``plan_buckets``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 
 from rl_kfac.blocks import Block
-from rl_kfac.damping import DampingMode, denominators
+from rl_kfac.damping import DampingMode, denominators, pi_factor
+from rl_kfac.statistics import FactorStore, StateOf
+
+if TYPE_CHECKING:
+    from rl_kfac.distributed import Communicator
 
 # Rough cost of one extra batched kernel call, in flops, on a small CPU; used only to decide how
 # much zero padding is worth one fewer bucket.
@@ -113,3 +124,136 @@ class Bucket:
 
     def __repr__(self) -> str:
         return f"Bucket(n={len(self.blocks)}, G={self.dim_g}, A={self.dim_a})"
+
+
+class GroupLayout:
+    """One parameter group: the buckets of its preconditioned blocks and its plain parameters."""
+
+    def __init__(self, buckets: list[Bucket], plain: list[Tensor]) -> None:
+        self.buckets, self.plain = buckets, plain
+        self.params = [p for b in buckets for p in b.params] + plain
+        self._momentum: list[Tensor] | None = None
+
+    def momentum_buffers(self, params: list[Tensor], state_of: StateOf) -> list[Tensor]:
+        """The momentum buffers of ``params`` (created at zero), cached when ``params`` is all."""
+        if self._momentum is not None and len(params) == len(self.params):
+            return self._momentum
+        bufs = []
+        for p in params:
+            state = state_of(p)
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        if len(params) == len(self.params):
+            self._momentum = bufs
+        return bufs
+
+    def __repr__(self) -> str:
+        return f"GroupLayout(buckets={self.buckets}, plain={len(self.plain)})"
+
+
+class Curvature:
+    """Eigenbases of every block's running factors, and the layout that preconditions with them.
+
+    Args:
+        state_of: a parameter's optimizer state; this object owns the keys ``eA, QA, eG, QG, pi``.
+        factors: the running factors it decomposes.
+        dtype: dtype of eigenbases and preconditioning.
+        communicator: shares the decompositions out across ranks (``None``: one process).
+    """
+
+    def __init__(
+        self,
+        state_of: StateOf,
+        factors: FactorStore,
+        dtype: torch.dtype,
+        communicator: Communicator | None = None,
+    ) -> None:
+        self._state_of = state_of
+        self._factors = factors
+        self.dtype = dtype
+        self._comm = communicator if communicator and communicator.world_size > 1 else None
+        self._layout: list[GroupLayout] | None = None
+        self.updates = 0  # rounds of eigendecompositions
+        self.failures = 0  # blocks whose decomposition failed (their last basis kept)
+
+    def decompose(self, blocks: list[Block]) -> list[str]:
+        """Eigendecompose the factors of ``blocks`` that have some; returns the failed blocks."""
+        blocks = [b for b in blocks if self._factors.has(b)]
+        factors = [f for b in blocks for f in self._factors.factors(b)]
+        if self._comm is None:
+            results = [symmetric_eig(f) for f in factors]
+        else:
+            from rl_kfac.distributed import shared_eigendecompositions
+
+            results = shared_eigendecompositions(self._comm, factors, symmetric_eig)
+        failed = []
+        for i, block in enumerate(blocks):
+            state = self._state_of(block.weight)
+            eig_a, eig_g = results[2 * i], results[2 * i + 1]
+            if eig_a is None or eig_g is None:
+                self.failures += 1
+                failed.append(block.name)
+                continue
+            (state["eA"], state["QA"]), (state["eG"], state["QG"]) = eig_a, eig_g
+            state["pi"] = pi_factor(*self._factors.factors(block))
+        self.updates += 1
+        if self._factors.take_new_blocks():  # a layer got its first factors: the buckets change
+            self._layout = None
+        elif self._layout is not None:
+            for lay in self._layout:
+                for bucket in lay.buckets:
+                    self._load(bucket)
+        return failed
+
+    def ready(self, block: Block) -> bool:
+        """Whether ``block`` has an eigenbasis (else its parameters get the plain gradient)."""
+        return "QA" in self._state_of(block.weight)
+
+    def invalidate(self) -> None:
+        """Rebuild the layout before the next step (layers were found, or state was loaded)."""
+        self._layout = None
+
+    def layout(self, param_groups: list[dict[str, Any]], blocks: list[Block]) -> list[GroupLayout]:
+        """Per parameter group: buckets of the blocks with an eigenbasis, and the rest."""
+        if self._layout is None:
+            self._layout = self._build(param_groups, blocks)
+        return self._layout
+
+    def _build(self, param_groups: list[dict[str, Any]], blocks: list[Block]) -> list[GroupLayout]:
+        group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
+        ready: list[list[Block]] = [[] for _ in param_groups]
+        for block in blocks:
+            if not self.ready(block):
+                continue
+            groups = {group_of.get(id(p)) for p in block.params}
+            if len(groups) != 1 or None in groups:
+                raise ValueError(f"{block.name}: weight and bias must be in the same param group")
+            ready[groups.pop()].append(block)  # type: ignore[index]
+        layout = []
+        for group, members in zip(param_groups, ready):
+            owned = {id(p) for b in members for p in b.params}
+            buckets = []
+            for bucket_blocks in plan_buckets(members):
+                bucket = Bucket(bucket_blocks, self.dtype, bucket_blocks[0].weight.device)
+                self._load(bucket)
+                buckets.append(bucket)
+            plain = [p for p in group["params"] if id(p) not in owned]
+            layout.append(GroupLayout(buckets, plain))
+        return layout
+
+    def _load(self, bucket: Bucket) -> None:
+        for i, b in enumerate(bucket.blocks):
+            s = self._state_of(b.weight)
+            bucket.set_eigen(i, (s["eA"], s["QA"]), (s["eG"], s["QG"]), s["pi"])
+
+    def load_counters(self, updates: int, failures: int) -> None:
+        self.updates, self.failures = updates, failures
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_layout"] = None  # buffers that view parameters: rebuilt on the next step
+        return state
+
+    def __repr__(self) -> str:
+        return f"Curvature(dtype={self.dtype}, updates={self.updates}, failures={self.failures})"

@@ -1,12 +1,15 @@
-"""Communication for data-parallel K-FAC over ``torch.distributed``; the math never imports it.
+"""Everything distributed about data-parallel K-FAC; the math modules only see a communicator.
 
-Each rank computes K-FAC statistics and gradients on its own data. :class:`Communicator`
+Each rank computes K-FAC statistics and gradients on its own data. A :class:`Communicator`
 averages the new factor contributions across ranks (one flattened asynchronous all-reduce per
-statistics update, waited for at the next ``step()``), assigns the eigendecompositions to ranks,
-largest factors first to the least-loaded rank (greedy, as KAISA, Pauloski et al. 2021), and
-broadcasts each result from its owner. :func:`allreduce_gradients` averages gradients. With equal
-per-rank batches, the factors, gradients and so every update equal those of one process on the
-concatenated batch.
+statistics update, waited for at the next ``step()``); :func:`shared_eigendecompositions` assigns
+the eigendecompositions to ranks (:func:`assign_owners`: largest factors first, each to the
+least-loaded rank, greedy as in KAISA, Pauloski et al. 2021) and broadcasts each result from its
+owner. :func:`allreduce_gradients` averages gradients. With equal per-rank batches, the factors,
+gradients and so every update equal those of one process on the concatenated batch.
+
+:class:`Communicator` is a protocol: :class:`TorchCommunicator` implements it over a
+``torch.distributed`` process group; tests and other back-ends bring their own.
 
 Collectives run with the process group's timeout; a failure (another rank died or stalled)
 raises :class:`DistributedError` naming the operation, instead of hanging.
@@ -19,7 +22,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import torch
 import torch.distributed as dist
@@ -32,10 +35,34 @@ class DistributedError(RuntimeError):
     """A collective failed: usually another rank exited or stopped responding."""
 
 
-class PendingAverage:
-    """An in-flight all-reduce of a flattened buffer; ``wait()`` returns the averaged tensors."""
+class PendingAverage(Protocol):
+    """An average in flight; ``wait()`` returns the averaged tensors, in the order given."""
 
-    def __init__(self, comm: Communicator, tensors: list[Tensor], flat: Tensor, work: Any) -> None:
+    def wait(self) -> list[Tensor]: ...
+
+
+class Communicator(Protocol):
+    """The collectives data-parallel K-FAC needs."""
+
+    rank: int
+    world_size: int
+    device: torch.device  # where tensors sent through it must live
+
+    def average_async(self, tensors: Sequence[Tensor]) -> PendingAverage:
+        """Start averaging ``tensors`` (same dtype and device) across ranks."""
+        ...
+
+    def broadcast(self, tensors: Sequence[Tensor], src: int) -> None:
+        """Overwrite ``tensors`` on every rank with rank ``src``'s values (in place)."""
+        ...
+
+
+class _FlatAverage:
+    """An in-flight all-reduce of a flattened buffer."""
+
+    def __init__(
+        self, comm: TorchCommunicator, tensors: list[Tensor], flat: Tensor, work: Any
+    ) -> None:
         self._comm, self._tensors, self._flat, self._work = comm, tensors, flat, work
 
     def wait(self) -> list[Tensor]:
@@ -49,8 +76,8 @@ class PendingAverage:
         return out
 
 
-class Communicator:
-    """Collectives of one process group (the default group unless ``group`` is given)."""
+class TorchCommunicator:
+    """:class:`Communicator` over a ``torch.distributed`` process group (default: the world)."""
 
     def __init__(self, group: Any = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
@@ -58,33 +85,22 @@ class Communicator:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        )
 
     def average_async(self, tensors: Sequence[Tensor]) -> PendingAverage:
-        """Start averaging ``tensors`` (same dtype and device) across ranks; returns a handle."""
         tensors = list(tensors)
         flat = torch.cat([t.reshape(-1) for t in tensors])
         work = self._call(
             "all_reduce", lambda: dist.all_reduce(flat, group=self.group, async_op=True)
         )
-        return PendingAverage(self, tensors, flat, work)
-
-    def average(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        return self.average_async(tensors).wait()
+        return _FlatAverage(self, tensors, flat, work)
 
     def broadcast(self, tensors: Sequence[Tensor], src: int) -> None:
-        """Overwrite ``tensors`` on every rank with rank ``src``'s values (in place)."""
         for t in tensors:
             self._call("broadcast", functools.partial(dist.broadcast, t, src, group=self.group))
-
-    def assign(self, costs: Sequence[float]) -> list[int]:
-        """Owner rank per task: largest first, each to the currently least-loaded rank."""
-        load = [0.0] * self.world_size
-        owner = [0] * len(costs)
-        for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
-            rank = min(range(self.world_size), key=lambda r: (load[r], r))
-            owner[i] = rank
-            load[rank] += costs[i]
-        return owner
 
     def _call(self, op: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -96,7 +112,58 @@ class Communicator:
             ) from err
 
     def __repr__(self) -> str:
-        return f"Communicator(rank={self.rank}, world_size={self.world_size})"
+        return f"TorchCommunicator(rank={self.rank}, world_size={self.world_size})"
+
+
+def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
+    """Owner rank per task: largest first, each to the currently least-loaded rank."""
+    load = [0.0] * world_size
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += costs[i]
+    return owner
+
+
+Eigen = tuple[Tensor, Tensor]  # eigenvalues, eigenvectors
+
+
+def shared_eigendecompositions(
+    comm: Communicator, factors: list[Tensor], decompose: Callable[[Tensor], Eigen | None]
+) -> list[Eigen | None]:
+    """``decompose`` of every factor, each computed by one rank and broadcast to all.
+
+    Owners by cost ``n³`` (:func:`assign_owners`); a failed decomposition (``None``) is ``None``
+    on every rank.
+    """
+    owners = assign_owners([float(f.shape[0]) ** 3 for f in factors], comm.world_size)
+    return [
+        _broadcast_eig(comm, decompose(f) if owner == comm.rank else None, f, owner)
+        for f, owner in zip(factors, owners)
+    ]
+
+
+def _broadcast_eig(
+    comm: Communicator, eig: Eigen | None, factor: Tensor, owner: int
+) -> Eigen | None:
+    """The owner's eigendecomposition of ``factor`` on every rank (``None`` if it failed)."""
+    ok = torch.tensor([float(eig is not None)], device=factor.device)
+    comm.broadcast([ok], owner)
+    if not bool(ok):
+        return None
+    if eig is None:
+        n = factor.shape[0]
+        eig = (factor.new_empty(n), factor.new_empty(n, n))
+    else:  # eigh returns column-major eigenvectors; collectives send raw storage
+        eig = (eig[0].contiguous(), eig[1].contiguous())
+    comm.broadcast(list(eig), owner)
+    return eig
+
+
+def average(tensors: Sequence[Tensor], comm: Communicator) -> list[Tensor]:
+    """``tensors`` averaged across ranks (blocking)."""
+    return comm.average_async(tensors).wait()
 
 
 def allreduce_gradients(params: Iterable[Tensor], comm: Communicator | None) -> None:
@@ -109,7 +176,7 @@ def allreduce_gradients(params: Iterable[Tensor], comm: Communicator | None) -> 
             p.grad = torch.zeros_like(p)
         grads.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
     for group in grads.values():
-        averaged = comm.average(group)
+        averaged = average(group, comm)
         torch._foreach_copy_(group, averaged)
 
 
@@ -117,15 +184,13 @@ def average_scalar(value: float | Tensor, comm: Communicator | None) -> float:
     """Mean of a scalar over ranks (e.g. the measured KL that drives damping on every rank)."""
     if comm is None or comm.world_size == 1:
         return float(value)
-    t = torch.as_tensor(value, dtype=torch.float64).reshape(1)
-    if dist.get_backend(comm.group) == "nccl":
-        t = t.to(torch.device("cuda", torch.cuda.current_device()))
-    return float(comm.average([t])[0])
+    t = torch.as_tensor(value, dtype=torch.float64, device=comm.device).reshape(1)
+    return float(average([t], comm)[0])
 
 
 def init_distributed(
     device: torch.device, timeout: datetime.timedelta = DEFAULT_TIMEOUT
-) -> Communicator | None:
+) -> TorchCommunicator | None:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); ``None`` otherwise.
 
     Backend: NCCL for CUDA devices, gloo otherwise. Returns the communicator of the default group.
@@ -135,7 +200,7 @@ def init_distributed(
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout)
-    return Communicator()
+    return TorchCommunicator()
 
 
 def shutdown() -> None:

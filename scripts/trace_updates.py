@@ -32,32 +32,34 @@ def record(args: argparse.Namespace) -> None:
     from agents.config import load_config
     from agents.trainer import Trainer
     from rl_kfac import KFAC
+    from rl_kfac.statistics import FactorStore
 
     detail = args.detail
     log: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
     dtype = getattr(torch, args.factor_dtype)
 
+    # A forensic tool: it wraps the optimizer's own methods to see what they see.
     init = KFAC.__init__
-    update_factors = KFAC._update_factors
+    add_records = FactorStore.add
     step = KFAC.step
 
     def patched_init(self: KFAC, *a: Any, **kw: Any) -> None:
         kw["factor_dtype"] = dtype
         init(self, *a, **kw)
 
-    def patched_update_factors(self: KFAC, records: list[Any]) -> None:
-        if len(log) < detail:
-            current["records"] = [(r[1].clone(), r[2].clone()) for r in records]
+    def patched_add(self: FactorStore, records: list[Any]) -> None:
+        if len(log) < detail and records:
+            current["records"] = [(r.inputs.clone(), r.grad_output.clone()) for r in records]
             current["batch"] = _batch_factors(records)
-        update_factors(self, records)
+        add_records(self, records)
 
     def patched_step(self: KFAC, closure: Any = None) -> Any:
         params = [p for g in self.param_groups for p in g["params"]]
         current["grads"] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
         out = step(self, closure)
         current["params"] = torch.cat([p.detach().flatten() for p in params]).clone()
-        current["step_scale"] = float(self.diagnostics.get("step_scale", float("nan")))
+        current["step_scale"] = self.diagnostics.step_scale
         if len(log) < detail:
             for key in ("A", "G", "eA", "eG"):
                 current[key] = {
@@ -67,11 +69,8 @@ def record(args: argparse.Namespace) -> None:
                 }
         return out
 
-    KFAC.__init__, KFAC._update_factors, KFAC.step = (  # type: ignore[method-assign]
-        patched_init,
-        patched_update_factors,
-        patched_step,
-    )
+    KFAC.__init__, KFAC.step = patched_init, patched_step  # type: ignore[method-assign]
+    FactorStore.add = patched_add  # type: ignore[method-assign]
     cfg = load_config(args.config, [f"seed={args.seed}", *args.set])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp) / "run", progress=False)

@@ -114,5 +114,5 @@ def test_short_seeded_runs_improve_and_adapt_damping(tmp_path, config, overrides
     returns = [r for _, r, _ in result.episodes]
     first, last = np.mean(returns[:30]), np.mean(returns[-30:])
     assert last > 3 * first and last > 100, (first, last)
-    assert trainer.algo.damping != cfg.damping  # the controller moved it
-    assert cfg.damping_min <= trainer.algo.damping <= cfg.damping_max
+    assert trainer.algo.optimizer.damping != cfg.damping  # the controller moved it
+    assert cfg.damping_min <= trainer.algo.optimizer.damping <= cfg.damping_max

@@ -51,7 +51,7 @@ def test_non_finite_gradient_skips_step_and_warns_once(bad):
     assert opt.counters["statistics_updates"] == 3  # the statistics were fine: folded in
     record_and_step(model, opt, x)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert opt.diagnostics["skipped_steps"] == 2
+    assert opt.diagnostics.skipped_steps == 2
 
 
 def test_non_finite_statistics_are_skipped_and_factors_kept():

@@ -90,7 +90,7 @@ def test_statistics_come_from_the_training_batch_only():
     torch.testing.assert_close(
         model.policy.optimizer.state[first.weight]["A"], first_layer_gram(model)
     )
-    assert model.policy.optimizer._capture.forward_log == []
+    assert model.policy.optimizer._capture.take_forward_log() == []
 
 
 def test_drop_in_optimizer_uses_the_empirical_fisher_of_training_batches():

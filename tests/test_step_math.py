@@ -332,8 +332,8 @@ def test_trust_region_clip_scales_the_whole_step_including_plain_params():
         got = layer_matrix(deltas[2 * i], deltas[2 * i + 1])
         torch.testing.assert_close(got, -LR * nu * vs[i], rtol=1e-7, atol=1e-10)
     torch.testing.assert_close(deltas[-1], -LR * nu * grads[-1], rtol=1e-7, atol=1e-12)
-    assert opt.diagnostics["step_scale"] == pytest.approx(nu, rel=1e-9)
-    assert opt.diagnostics["quadratic"] == pytest.approx(quad, rel=1e-9)
+    assert opt.diagnostics.step_scale == pytest.approx(nu, rel=1e-9)
+    assert opt.diagnostics.quadratic == pytest.approx(quad, rel=1e-9)
 
 
 def test_momentum_and_weight_decay_follow_sgd_semantics():

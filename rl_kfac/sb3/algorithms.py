@@ -23,7 +23,9 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import obs_as_tensor
 
+from rl_kfac.actor_critic import adapt_damping_to_kl
 from rl_kfac.damping import KLDampingController
+from rl_kfac.diagnostics import log_diagnostics
 from rl_kfac.optimizer import KFAC
 from rl_kfac.sb3.policies import KFACActorCriticCnnPolicy, KFACActorCriticPolicy, distribution_kl
 
@@ -85,16 +87,9 @@ class _KFACTraining:
         if states is not None and old is not None and self.kl_damping is not None:
             new = self._distributions(states)
             kl = float(torch.cat([distribution_kl(p, q) for p, q in zip(old, new)]).mean())
-            damping = float(optimizer.param_groups[0]["damping"])
-            damping = self.kl_damping.update(damping, kl)
-            for group in optimizer.param_groups:
-                group["damping"] = damping
+            adapt_damping_to_kl(optimizer, self.kl_damping, kl)
             self.logger.record("kfac/kl", kl)
-        diag = optimizer.diagnostics
-        self.logger.record("kfac/damping", float(optimizer.param_groups[0]["damping"]))
-        for key in ("step_scale", "quadratic", "skipped_steps"):
-            if not math.isnan(diag.get(key, 0.0)):
-                self.logger.record(f"kfac/{key}", diag.get(key, 0.0))
+        log_diagnostics(optimizer.diagnostics, self.logger.record)
 
     def _rollout_states(self) -> list[Any]:
         """The rollout's observations as tensors, in chunks (copies: SB3 reshuffles the buffer)."""

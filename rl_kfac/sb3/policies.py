@@ -10,6 +10,7 @@ the policy itself plus ``vf_fisher_coef`` times the value head's Gauss-Newton te
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -25,7 +26,8 @@ from stable_baselines3.common.torch_layers import NatureCNN
 from stable_baselines3.common.type_aliases import Schedule
 from torch import Tensor
 
-from rl_kfac.fisher import categorical_fisher_loss, gaussian_fisher_loss, value_fisher_loss
+from rl_kfac.actor_critic import record_fisher
+from rl_kfac.fisher import categorical_fisher_loss, gaussian_fisher_loss
 from rl_kfac.optimizer import KFAC
 
 SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.MultiDiscrete, spaces.Box)
@@ -118,11 +120,9 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         """SB3's training forward; records K-FAC statistics first when they are due."""
         values, log_prob, entropy = super().evaluate_actions(obs, actions)
         distribution, self._train_distribution = self._train_distribution, None
-        if distribution is not None and self.optimizer.statistics_due:
-            fisher = policy_fisher_loss(distribution)
-            if self.vf_fisher_coef:
-                fisher = fisher + self.vf_fisher_coef * value_fisher_loss(values)
-            self.optimizer.fisher_backward(fisher)
+        if distribution is not None:
+            fisher = functools.partial(policy_fisher_loss, distribution)
+            record_fisher(self.optimizer, fisher, values, self.vf_fisher_coef)
         return values, log_prob, entropy
 
 

@@ -1,0 +1,60 @@
+"""The RL layer that our agents (``agents/``) and the Stable-Baselines3 classes share.
+
+- The Fisher loss of an actor-critic network: the policy's sampled-Fisher loss plus
+  ``vf_fisher_coef`` times the value head's Gauss-Newton term (:mod:`rl_kfac.fisher`; ACKTR,
+  Wu et al. 2017, §3.1), back-propagated by :func:`record_fisher` only when statistics are due.
+- Damping adaptation after an update: toward a target KL(π_old ‖ π_new)
+  (:func:`adapt_damping_to_kl`) or by the Levenberg-Marquardt reduction ratio
+  (:func:`adapt_damping_lm`); both read and set the optimizer's λ.
+- Diagnostics: ``KFAC.diagnostics`` (:class:`rl_kfac.diagnostics.Diagnostics`) gives the logged
+  scalars under the ``kfac/*`` tags both paths use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from rl_kfac.damping import KLDampingController, LevenbergMarquardt
+from rl_kfac.fisher import value_fisher_loss
+from rl_kfac.optimizer import KFAC
+
+
+def actor_critic_fisher_loss(policy_loss: Tensor, values: Tensor, vf_fisher_coef: float) -> Tensor:
+    """``policy_loss + vf_fisher_coef · value_fisher_loss(values)`` (no value term at 0)."""
+    if not vf_fisher_coef:
+        return policy_loss
+    return policy_loss + vf_fisher_coef * value_fisher_loss(values)
+
+
+def record_fisher(
+    optimizer: KFAC,
+    policy_loss: Callable[[], Tensor],
+    values: Tensor,
+    vf_fisher_coef: float,
+) -> None:
+    """Record K-FAC statistics from the actor-critic Fisher loss, if they are due.
+
+    ``policy_loss`` builds the policy's sampled-Fisher loss (e.g. ``dist.fisher_loss``); it is
+    called, and actions sampled, only when the optimizer records statistics at this step.
+    """
+    if optimizer.statistics_due:
+        optimizer.fisher_backward(actor_critic_fisher_loss(policy_loss(), values, vf_fisher_coef))
+
+
+def adapt_damping_to_kl(optimizer: KFAC, controller: KLDampingController, kl: float) -> float:
+    """Move λ toward the controller's target KL given the update's measured KL; the new λ."""
+    damping = controller.update(optimizer.damping, kl)
+    optimizer.set_damping(damping)
+    return damping
+
+
+def adapt_damping_lm(optimizer: KFAC, rule: LevenbergMarquardt, actual: float, lr: float) -> float:
+    """Levenberg-Marquardt: compare the loss change ``actual`` of the last step (taken with
+    learning rate ``lr``) with the damped quadratic model's prediction; the new λ."""
+    diag = optimizer.diagnostics
+    predicted = LevenbergMarquardt.predicted_change(diag.quadratic, lr * diag.step_scale)
+    damping = rule.update(optimizer.damping, actual, predicted)
+    optimizer.set_damping(damping)
+    return damping

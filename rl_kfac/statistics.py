@@ -1,0 +1,149 @@
+"""Second stage: Kronecker factors per block and their running averages.
+
+From the records of one statistics update, each block's batch factors are
+
+    A_t = s_x XᵀX,   G_t = s_y YᵀY
+
+with rows ``X``/``Y`` and scales ``s`` from :meth:`Block.input_rows` / :meth:`Block.grad_rows`;
+a layer called ``c`` times in one forward pass contributes the mean over its calls. The running
+factors start at the first batch and then follow ``Ā ← Ā + (1 − β)(A_t − Ā)`` (β =
+``stat_decay``; the same for G), the exponential average of Martens & Grosse (2015, §5).
+
+The running factors live in the optimizer's per-parameter state (``state[weight]["A"]``,
+``["G"]``), so ``KFAC.state_dict()`` saves them like any optimizer buffer. With a communicator the
+batch factors are averaged across ranks asynchronously and folded in by :meth:`FactorStore.finish`
+(at the next step); the finiteness check runs on the averaged factors, so every rank keeps or
+skips the same update.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from rl_kfac.blocks import Block
+from rl_kfac.capture import Record
+from rl_kfac.warn import warn_once
+
+if TYPE_CHECKING:  # the math runs without torch.distributed; only a communicator uses it
+    from rl_kfac.distributed import Communicator, PendingAverage
+
+StateOf = Callable[[Tensor], dict[str, Any]]  # a parameter's optimizer state
+
+
+def batch_factors(records: list[Record], dtype: torch.dtype) -> dict[Block, tuple[Tensor, Tensor]]:
+    """``(A_t, G_t)`` per block of one statistics update (calls of one layer averaged)."""
+    calls = Counter(r.block for r in records)
+    batch: dict[Block, tuple[Tensor, Tensor]] = {}
+    for block, inputs, grad_output in records:
+        x, sx = block.input_rows(inputs.to(dtype))
+        y, sy = block.grad_rows(grad_output.to(dtype))
+        w, beta = 1.0 / calls[block], 1.0
+        if block not in batch:
+            a = x.new_empty(block.dim_a, block.dim_a)
+            batch[block] = (a, y.new_empty(block.dim_g, block.dim_g))
+            beta = 0.0
+        new_a, new_g = batch[block]
+        new_a.addmm_(x.T, x, beta=beta, alpha=w * sx)
+        new_g.addmm_(y.T, y, beta=beta, alpha=w * sy)
+    return batch
+
+
+class FactorStore:
+    """The running factors A and G of every block that has had statistics.
+
+    Args:
+        state_of: a parameter's optimizer state (looked up each time: ``load_state_dict``
+            replaces it); this store owns the keys ``"A"`` and ``"G"`` of each block's weight.
+        stat_decay: β of the running average.
+        dtype: dtype the factors are accumulated in.
+        communicator: averages batch factors across ranks (``None``: one process).
+    """
+
+    def __init__(
+        self,
+        state_of: StateOf,
+        stat_decay: float,
+        dtype: torch.dtype,
+        communicator: Communicator | None = None,
+    ) -> None:
+        self._state_of = state_of
+        self.stat_decay = stat_decay
+        self.dtype = dtype
+        self._comm = communicator if communicator and communicator.world_size > 1 else None
+        self._pending: tuple[list[Block], PendingAverage] | None = None
+        self.updates = 0  # statistics updates folded in
+        self.skipped = 0  # statistics updates dropped as non-finite
+        self._new_blocks = False
+        self._warned: set[str] = set()
+
+    @torch.no_grad()
+    def add(self, records: list[Record]) -> None:
+        """Fold one statistics update into the running factors (or start averaging it)."""
+        if not records:
+            return
+        batch = batch_factors(records, self.dtype)
+        self.finish()  # at most one update in flight
+        blocks = list(batch)
+        factors = [f for b in blocks for f in batch[b]]
+        if self._comm is not None:
+            self._pending = (blocks, self._comm.average_async(factors))
+        else:
+            self._fold(blocks, factors)
+
+    def finish(self) -> None:
+        """Fold in the update whose cross-rank average is in flight, if any."""
+        if self._pending is not None:
+            (blocks, pending), self._pending = self._pending, None
+            self._fold(blocks, pending.wait())
+
+    @torch.no_grad()
+    def _fold(self, blocks: list[Block], factors: list[Tensor]) -> None:
+        if not bool(torch.stack(torch._foreach_norm(factors)).isfinite().all()):
+            self.skipped += 1
+            warn_once(self._warned, "stats", "non-finite K-FAC statistics skipped (factors kept)")
+            return
+        for block, new_a, new_g in zip(blocks, factors[::2], factors[1::2]):
+            state = self._state_of(block.weight)
+            if "A" not in state:  # the running average starts at the first batch
+                state["A"], state["G"] = new_a.clone(), new_g.clone()
+                self._new_blocks = True
+            else:
+                state["A"].lerp_(new_a, 1.0 - self.stat_decay)
+                state["G"].lerp_(new_g, 1.0 - self.stat_decay)
+        self.updates += 1
+
+    def has(self, block: Block) -> bool:
+        return "A" in self._state_of(block.weight)
+
+    def factors(self, block: Block) -> tuple[Tensor, Tensor]:
+        """The running ``(A, G)`` of ``block``."""
+        state = self._state_of(block.weight)
+        return state["A"], state["G"]
+
+    @property
+    def new_blocks(self) -> bool:
+        """Whether some block got its first factors (and so needs an eigenbasis)."""
+        return self._new_blocks
+
+    def take_new_blocks(self) -> bool:
+        """Whether some block got its first factors since the last call."""
+        new, self._new_blocks = self._new_blocks, False
+        return new
+
+    def load_counters(self, updates: int, skipped: int) -> None:
+        self.updates, self.skipped = updates, skipped
+
+    def __getstate__(self) -> dict[str, Any]:
+        self.finish()
+        return self.__dict__.copy()
+
+    def __repr__(self) -> str:
+        return (
+            f"FactorStore(stat_decay={self.stat_decay}, dtype={self.dtype}, "
+            f"updates={self.updates}, skipped={self.skipped})"
+        )
