@@ -156,22 +156,15 @@ class Curvature:
     """Eigenbases of every block's running factors, and the layout that preconditions with them.
 
     Args:
-        state_of: a parameter's optimizer state; this object owns the keys ``eA, QA, eG, QG, pi``.
-        factors: the running factors it decomposes.
-        dtype: dtype of eigenbases and preconditioning.
+        factors: the running factors it decomposes; the eigenbases go in the same optimizer
+            state (keys ``eA, QA, eG, QG, pi``), in the factors' dtype.
         communicator: shares the decompositions out across ranks (``None``: one process).
     """
 
-    def __init__(
-        self,
-        state_of: StateOf,
-        factors: FactorStore,
-        dtype: torch.dtype,
-        communicator: Communicator | None = None,
-    ) -> None:
-        self._state_of = state_of
+    def __init__(self, factors: FactorStore, communicator: Communicator | None = None) -> None:
         self._factors = factors
-        self.dtype = dtype
+        self._state_of = factors.state_of
+        self.dtype = factors.dtype
         self._comm = communicator if communicator and communicator.world_size > 1 else None
         self._layout: list[GroupLayout] | None = None
         self.updates = 0  # rounds of eigendecompositions

@@ -143,7 +143,7 @@ class KFAC(Optimizer):
         else:
             self._capture.start_discovery(p for g in self.param_groups for p in g["params"])
         self._factors = FactorStore(self._param_state, stat_decay, factor_dtype, communicator)
-        self._curvature = Curvature(self._param_state, self._factors, factor_dtype, communicator)
+        self._curvature = Curvature(self._factors, communicator)
         self._steps = 0
         self._skipped_steps = 0
         self._last: tuple[float, float, float] = (1.0, 0.0, math.nan)  # ν, quadratic, damping

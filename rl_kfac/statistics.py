@@ -71,7 +71,7 @@ class FactorStore:
         dtype: torch.dtype,
         communicator: Communicator | None = None,
     ) -> None:
-        self._state_of = state_of
+        self.state_of = state_of
         self.stat_decay = stat_decay
         self.dtype = dtype
         self._comm = communicator if communicator and communicator.world_size > 1 else None
@@ -108,7 +108,7 @@ class FactorStore:
             warn_once(self._warned, "stats", "non-finite K-FAC statistics skipped (factors kept)")
             return
         for block, new_a, new_g in zip(blocks, factors[::2], factors[1::2]):
-            state = self._state_of(block.weight)
+            state = self.state_of(block.weight)
             if "A" not in state:  # the running average starts at the first batch
                 state["A"], state["G"] = new_a.clone(), new_g.clone()
                 self._new_blocks = True
@@ -118,11 +118,11 @@ class FactorStore:
         self.updates += 1
 
     def has(self, block: Block) -> bool:
-        return "A" in self._state_of(block.weight)
+        return "A" in self.state_of(block.weight)
 
     def factors(self, block: Block) -> tuple[Tensor, Tensor]:
         """The running ``(A, G)`` of ``block``."""
-        state = self._state_of(block.weight)
+        state = self.state_of(block.weight)
         return state["A"], state["G"]
 
     @property

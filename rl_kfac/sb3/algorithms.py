@@ -20,7 +20,7 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, Schedule
+from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import obs_as_tensor
 
 from rl_kfac.actor_critic import adapt_damping_to_kl
@@ -36,14 +36,77 @@ _POLICIES: dict[str, type[BasePolicy]] = {
 _KL_CHUNK = 4096  # states per no-grad forward when measuring the update's KL
 
 
-class _KFACTraining:
-    """What ACKTR and PPOKFAC add to SB3's A2C / PPO (a mixin placed before them)."""
+# K-FAC's arguments (to rl_kfac.KFAC) and the K-FAC policy's and damping controller's
+KFAC_ARGS = (
+    "kl_clip",
+    "damping",
+    "momentum",
+    "stat_decay",
+    "factor_update_interval",
+    "inverse_update_interval",
+)
+# The ACKTR paper's / OpenAI baselines' values (Wu et al. 2017)
+PAPER: dict[str, Any] = {
+    "learning_rate": 0.25,
+    "n_steps": 20,
+    "gamma": 0.99,
+    "gae_lambda": 1.0,
+    "ent_coef": 0.01,
+    "vf_coef": 0.5,
+    "max_grad_norm": math.inf,  # the trust region bounds the step instead
+    "kl_clip": 1e-3,
+    "damping": 1e-2,
+    "momentum": 0.9,
+    "stat_decay": 0.99,
+    "factor_update_interval": 1,
+    "inverse_update_interval": 10,
+    "vf_fisher_coef": 1.0,
+    "damping_target_kl": None,
+    "damping_kwargs": None,
+}
 
+
+class _KFACTraining:
+    """What ACKTR and PPOKFAC add to SB3's A2C / PPO (a mixin placed before them).
+
+    Every keyword argument has its default in the class's ``defaults`` (SB3's and K-FAC's
+    together, so that tests can check them against ``configs/``); the K-FAC ones go to the
+    policy's optimizer, the rest to SB3. Around SB3's ``train()``: KL-based damping and the
+    ``kfac/*`` diagnostics.
+    """
+
+    defaults: ClassVar[dict[str, Any]]
+    forced: ClassVar[dict[str, Any]] = {}  # SB3 arguments K-FAC needs at one value
     policy: Any  # ActorCriticPolicy in OnPolicyAlgorithm, BasePolicy in BaseAlgorithm
     rollout_buffer: RolloutBuffer
     logger: Any
     policy_class: type[BasePolicy]
     kl_damping: KLDampingController | None
+
+    def __init__(
+        self,
+        policy: str | type[KFACActorCriticPolicy],
+        env: GymEnv | str,
+        _init_setup_model: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        forced = sorted(k for k, v in self.forced.items() if kwargs.get(k, v) != v)
+        if forced:
+            raise ValueError(f"{type(self).__name__} needs {forced} at {self.forced}")
+        args = {**self.defaults, **kwargs, **self.forced}
+        kfac = {k: args.pop(k) for k in KFAC_ARGS}
+        target_kl, damping_kwargs = args.pop("damping_target_kl"), args.pop("damping_kwargs")
+        args["policy_kwargs"] = self._kfac_policy_kwargs(
+            args.pop("policy_kwargs", None), args.pop("vf_fisher_coef"), **kfac
+        )
+        super().__init__(policy, env, _init_setup_model=False, **args)  # type: ignore[call-arg]
+        self._check_kfac_setup(target_kl, damping_kwargs)
+        if _init_setup_model:
+            self._setup_model()  # type: ignore[attr-defined]
+
+    def train(self) -> None:
+        with self._kfac_update():
+            super().train()  # type: ignore[misc]
 
     @staticmethod
     def _kfac_policy_kwargs(
@@ -109,9 +172,12 @@ class _KFACTraining:
 class ACKTR(_KFACTraining, A2C):
     """ACKTR (Wu et al. 2017): SB3's A2C with the K-FAC natural gradient and trust-region clip.
 
-    Defaults follow the paper and OpenAI baselines' ACKTR: lr 0.25, 20-step rollouts, n-step
-    returns (``gae_lambda=1``), ``ent_coef`` 0.01, K-FAC with momentum 0.9, damping 0.01,
-    ``kl_clip`` 0.001, statistics every update and eigendecompositions every 10.
+    ``ACKTR(policy, env, **kwargs)`` takes SB3 A2C's arguments and K-FAC's. Defaults
+    (``ACKTR.defaults``) are the paper's and OpenAI baselines', as ``agents.config.Config``'s (a
+    test checks): lr 0.25, 20-step rollouts, n-step returns (``gae_lambda=1``), ``ent_coef``
+    0.01, K-FAC with momentum 0.9, damping 0.01, ``kl_clip`` 0.001, statistics every update and
+    eigendecompositions every 10, no advantage normalisation. Tuned settings per task:
+    ``configs/zoo/acktr.yml`` (generated from ``configs/acktr/``).
 
     K-FAC arguments (see :class:`rl_kfac.KFAC`): ``kl_clip``, ``damping``, ``momentum``,
     ``stat_decay``, ``factor_update_interval``, ``inverse_update_interval``; others
@@ -125,142 +191,35 @@ class ACKTR(_KFACTraining, A2C):
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = _POLICIES
-
-    def __init__(
-        self,
-        policy: str | type[KFACActorCriticPolicy],
-        env: GymEnv | str,
-        learning_rate: float | Schedule = 0.25,
-        n_steps: int = 20,
-        gamma: float = 0.99,
-        gae_lambda: float = 1.0,
-        ent_coef: float = 0.01,
-        vf_coef: float = 0.5,
-        max_grad_norm: float = math.inf,
-        normalize_advantage: bool = False,
-        kl_clip: float | None = 1e-3,
-        damping: float = 1e-2,
-        momentum: float = 0.9,
-        stat_decay: float = 0.99,
-        factor_update_interval: int = 1,
-        inverse_update_interval: int = 10,
-        vf_fisher_coef: float = 1.0,
-        damping_target_kl: float | None = None,
-        damping_kwargs: dict[str, Any] | None = None,
-        policy_kwargs: dict[str, Any] | None = None,
-        _init_setup_model: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        policy_kwargs = self._kfac_policy_kwargs(
-            policy_kwargs,
-            vf_fisher_coef,
-            kl_clip=kl_clip,
-            damping=damping,
-            momentum=momentum,
-            stat_decay=stat_decay,
-            factor_update_interval=factor_update_interval,
-            inverse_update_interval=inverse_update_interval,
-        )
-        super().__init__(
-            policy,
-            env,
-            learning_rate=learning_rate,
-            n_steps=n_steps,
-            gamma=gamma,
-            gae_lambda=gae_lambda,
-            ent_coef=ent_coef,
-            vf_coef=vf_coef,
-            max_grad_norm=max_grad_norm,
-            use_rms_prop=False,
-            normalize_advantage=normalize_advantage,
-            policy_kwargs=policy_kwargs,
-            _init_setup_model=False,
-            **kwargs,
-        )
-        self._check_kfac_setup(damping_target_kl, damping_kwargs)
-        if _init_setup_model:
-            self._setup_model()
-
-    def train(self) -> None:
-        with self._kfac_update():
-            super().train()
+    defaults: ClassVar[dict[str, Any]] = {**PAPER, "normalize_advantage": False}
+    forced: ClassVar[dict[str, Any]] = {"use_rms_prop": False}  # the optimizer is K-FAC
 
 
 class PPOKFAC(_KFACTraining, PPO):
     """PPO whose minibatch steps are K-FAC steps (Song & Wu 2018), on SB3's PPO.
 
     Each minibatch records true-Fisher statistics from the current policy, then takes one
-    trust-region-clipped K-FAC step on SB3's clipped-surrogate loss. Defaults come from this
-    project's measurements (README): few epochs of large minibatches, lr 0.25, ``kl_clip`` 0.01,
-    momentum 0 and KL-based damping toward 0.003. Arguments as :class:`ACKTR` and SB3's PPO.
+    trust-region-clipped K-FAC step on SB3's clipped-surrogate loss. ``PPOKFAC(policy, env,
+    **kwargs)`` takes SB3 PPO's arguments and the K-FAC ones of :class:`ACKTR`. Defaults
+    (``PPOKFAC.defaults``): the paper's K-FAC values, overridden by the settings every tuned
+    config in ``configs/ppo_kfac/`` shares (a test checks): 4 epochs, ``gae_lambda`` 0.95, no
+    entropy bonus, ``kl_clip`` 0.01, momentum 0 and KL-based damping toward 0.003; 256-step
+    rollouts in minibatches of 256. Tuned settings per task: ``configs/zoo/ppo_kfac.yml``.
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = _POLICIES
-
-    def __init__(
-        self,
-        policy: str | type[KFACActorCriticPolicy],
-        env: GymEnv | str,
-        learning_rate: float | Schedule = 0.25,
-        n_steps: int = 256,
-        batch_size: int = 256,
-        n_epochs: int = 4,
-        gamma: float = 0.99,
-        gae_lambda: float = 0.95,
-        clip_range: float | Schedule = 0.2,
-        clip_range_vf: float | Schedule | None = None,
-        normalize_advantage: bool = True,
-        ent_coef: float = 0.0,
-        vf_coef: float = 0.5,
-        max_grad_norm: float = math.inf,
-        target_kl: float | None = None,
-        kl_clip: float | None = 1e-2,
-        damping: float = 1e-2,
-        momentum: float = 0.0,
-        stat_decay: float = 0.99,
-        factor_update_interval: int = 1,
-        inverse_update_interval: int = 10,
-        vf_fisher_coef: float = 1.0,
-        damping_target_kl: float | None = 0.003,
-        damping_kwargs: dict[str, Any] | None = None,
-        policy_kwargs: dict[str, Any] | None = None,
-        _init_setup_model: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        policy_kwargs = self._kfac_policy_kwargs(
-            policy_kwargs,
-            vf_fisher_coef,
-            kl_clip=kl_clip,
-            damping=damping,
-            momentum=momentum,
-            stat_decay=stat_decay,
-            factor_update_interval=factor_update_interval,
-            inverse_update_interval=inverse_update_interval,
-        )
-        super().__init__(
-            policy,
-            env,
-            learning_rate=learning_rate,
-            n_steps=n_steps,
-            batch_size=batch_size,
-            n_epochs=n_epochs,
-            gamma=gamma,
-            gae_lambda=gae_lambda,
-            clip_range=clip_range,
-            clip_range_vf=clip_range_vf,
-            normalize_advantage=normalize_advantage,
-            ent_coef=ent_coef,
-            vf_coef=vf_coef,
-            max_grad_norm=max_grad_norm,
-            target_kl=target_kl,
-            policy_kwargs=policy_kwargs,
-            _init_setup_model=False,
-            **kwargs,
-        )
-        self._check_kfac_setup(damping_target_kl, damping_kwargs)
-        if _init_setup_model:
-            self._setup_model()
-
-    def train(self) -> None:
-        with self._kfac_update():
-            super().train()
+    defaults: ClassVar[dict[str, Any]] = {
+        **PAPER,
+        "n_steps": 256,
+        "batch_size": 256,
+        "n_epochs": 4,
+        "gae_lambda": 0.95,
+        "clip_range": 0.2,
+        "clip_range_vf": None,
+        "normalize_advantage": True,
+        "ent_coef": 0.0,
+        "target_kl": None,
+        "kl_clip": 1e-2,
+        "momentum": 0.0,
+        "damping_target_kl": 0.003,
+    }
