@@ -1,8 +1,10 @@
 """Our agents next to Stable-Baselines3 (rl-zoo hyperparameters), same seeds, one run.
 
 ``--algos acktr,a2c`` (default) compares our ACKTR with SB3 A2C; ``--algos ppo_kfac,ppo`` our
-PPO-KFAC with SB3 PPO; ``sb3_acktr`` is ``rl_kfac.sb3.ACKTR`` (SB3's A2C loop with K-FAC) with
-the settings of our ACKTR config.
+PPO-KFAC with SB3 PPO. SB3's A2C and PPO run with rl-baselines3-zoo's hyperparameters, read from
+the installed rl_zoo3 package; ``sb3_acktr`` / ``sb3_ppo_kfac`` are ``rl_kfac.sb3.ACKTR`` /
+``PPOKFAC`` (SB3's training loops with K-FAC) with the settings of our config for the task
+(``agents.sb3_settings``). No hyperparameter is restated here.
 
 Metric: the first timestep at which the mean return of the last 100 finished training episodes
 reaches the environment's threshold. Writes ``<out>/runs.csv`` (one row per run),
@@ -31,41 +33,15 @@ from typing import Any
 
 import numpy as np
 
-# rl_kfac.sb3.ACKTR with the settings of configs/acktr/{cartpole,lunarlander}.yaml
-ACKTR_AS_OURS = {
-    "n_steps": 20,
-    "kl_clip": 0.01,
-    "momentum": 0.0,
-    "gae_lambda": 0.95,
-    "ent_coef": 0.0,
-}
-
 TASKS: dict[str, dict[str, Any]] = {
-    # threshold, budget, our configs, SB3 kwargs from rl-baselines3-zoo's a2c.yml / ppo.yml
+    # threshold, budget, our configs, and the key of rl-baselines3-zoo's a2c.yml / ppo.yml whose
+    # hyperparameters the SB3 reference runs use (rl_zoo3's own files, as installed)
     "CartPole-v1": {
         "threshold": 475.0,
         "timesteps": 100_000,
         "config": "configs/acktr/cartpole.yaml",
         "ppo_kfac_config": "configs/ppo_kfac/cartpole.yaml",
-        "a2c": {"n_envs": 8, "kwargs": {"ent_coef": 0.0}},
-        "sb3_acktr": {
-            "n_envs": 8,
-            "normalize": {"norm_obs": False, "norm_reward": True},
-            "kwargs": {**ACKTR_AS_OURS, "learning_rate": "lin_0.25"},
-        },
-        "ppo": {
-            "n_envs": 8,
-            "kwargs": {
-                "n_steps": 32,
-                "batch_size": 256,
-                "gae_lambda": 0.8,
-                "gamma": 0.98,
-                "n_epochs": 20,
-                "ent_coef": 0.0,
-                "learning_rate": "lin_1e-3",
-                "clip_range": "lin_0.2",
-            },
-        },
+        "zoo": "CartPole-v1",
     },
     "LunarLander-v3": {
         "threshold": 200.0,
@@ -73,65 +49,34 @@ TASKS: dict[str, dict[str, Any]] = {
         "tuning_seeds": 5,  # our configs tuned on seeds 0-4; the report lists later ones held out
         "config": "configs/acktr/lunarlander.yaml",
         "ppo_kfac_config": "configs/ppo_kfac/lunarlander.yaml",
-        "sb3_acktr": {
-            "n_envs": 16,
-            "normalize": {"norm_obs": True, "norm_reward": True},
-            "kwargs": {**ACKTR_AS_OURS, "gamma": 0.995, "learning_rate": "lin_0.25"},
-        },
-        "a2c": {
-            "n_envs": 8,
-            "kwargs": {
-                "gamma": 0.995,
-                "n_steps": 5,
-                "ent_coef": 1e-5,
-                "learning_rate": "lin_8.3e-4",
-            },
-        },
-        "ppo": {
-            "n_envs": 16,
-            "kwargs": {
-                "n_steps": 1024,
-                "batch_size": 64,
-                "gae_lambda": 0.98,
-                "gamma": 0.999,
-                "n_epochs": 4,
-                "ent_coef": 0.01,
-            },
-        },
+        "zoo": "LunarLander-v3",
     },
     "HalfCheetah-v5": {
         "threshold": 5819.0,  # SB3 PPO's published 1M-step result (rl-baselines3-zoo benchmark)
         "timesteps": 1_000_000,
         "config": "configs/acktr/halfcheetah.yaml",
         "ppo_kfac_config": "configs/ppo_kfac/halfcheetah.yaml",
-        "ppo": {
-            "n_envs": 1,
-            "normalize": {"norm_obs": True, "norm_reward": True},
-            "kwargs": {
-                "n_steps": 512,
-                "batch_size": 64,
-                "gamma": 0.98,
-                "learning_rate": 2.0633e-05,
-                "ent_coef": 0.000401762,
-                "clip_range": 0.1,
-                "n_epochs": 20,
-                "gae_lambda": 0.92,
-                "max_grad_norm": 0.8,
-                "vf_coef": 0.58096,
-                "policy_kwargs": "halfcheetah",
-            },
-        },
+        "zoo": "HalfCheetah-v4",  # rl-zoo's MuJoCo settings are listed under v4
     },
 }
-# rl-zoo's policy_kwargs for HalfCheetah-v5 PPO
-POLICY_KWARGS: dict[str, Any] = {
-    "halfcheetah": lambda: {
-        "log_std_init": -2,
-        "ortho_init": False,
-        "activation_fn": __import__("torch").nn.ReLU,
-        "net_arch": {"pi": [256, 256], "vf": [256, 256]},
-    }
-}
+OURS = ("acktr", "ppo_kfac")  # our agents
+SB3 = ("a2c", "ppo", "sb3_acktr", "sb3_ppo_kfac")  # SB3 classes: rl-zoo's settings / our configs
+
+
+def zoo_settings(algo: str, env: str) -> dict[str, Any]:
+    """The rl-zoo hyperparameter entry of an SB3 run: rl-zoo's own for A2C and PPO, made from
+    our config for rl_kfac.sb3's classes (:mod:`agents.sb3_settings`)."""
+    task = TASKS[env]
+    if algo in ("sb3_acktr", "sb3_ppo_kfac"):
+        from agents.config import load_config
+        from agents.sb3_settings import zoo_entry
+
+        return zoo_entry(load_config(task["config" if algo == "sb3_acktr" else "ppo_kfac_config"]))
+    import rl_zoo3
+    import yaml
+
+    path = Path(rl_zoo3.__file__).parent / "hyperparams" / f"{algo}.yml"
+    return dict(yaml.safe_load(path.read_text())[task["zoo"]])
 
 
 def first_to_threshold(episodes: list[tuple[int, float]], threshold: float) -> int | None:
@@ -163,28 +108,37 @@ def run_ours(
             "update_share": result.update_time / wall}  # fmt: skip
 
 
-def run_sb3(algo: str, env: str, seed: int, timesteps: int, spec: dict[str, Any]) -> dict[str, Any]:
+def run_sb3(algo: str, env: str, seed: int, timesteps: int, zoo: dict[str, Any]) -> dict[str, Any]:
+    """One SB3 run from an rl-zoo hyperparameter entry (``lin_<x>`` schedules, ``normalize``,
+    ``policy_kwargs`` strings read as rl-zoo reads them)."""
     import torch
     from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from rl_kfac.sb3 import ACKTR
+    from rl_kfac.sb3 import ACKTR, PPOKFAC
 
     torch.set_num_threads(1)
-    kwargs = dict(spec["kwargs"])
+    kwargs = dict(zoo)
+    n_envs, normalize = kwargs.pop("n_envs", 1), kwargs.pop("normalize", False)
+    policy = kwargs.pop("policy", "MlpPolicy")
+    kwargs.pop("n_timesteps", None)
     for key in ("learning_rate", "clip_range"):  # rl-zoo's "lin_<value>": linear decay to 0
         value = kwargs.get(key)
         if isinstance(value, str) and value.startswith("lin_"):
             kwargs[key] = functools.partial(_linear, float(value[4:]))
-    if isinstance(kwargs.get("policy_kwargs"), str):
-        kwargs["policy_kwargs"] = POLICY_KWARGS[kwargs["policy_kwargs"]]()
+    if isinstance(kwargs.get("policy_kwargs"), str):  # rl-zoo evaluates these with nn in scope
+        kwargs["policy_kwargs"] = eval(kwargs["policy_kwargs"], {"nn": torch.nn})
 
     class Episodes(BaseCallback):
+        """Finished episodes, and the time spent in SB3's update (rollout end to next start)."""
+
         def __init__(self) -> None:
             super().__init__()
             self.episodes: list[tuple[int, float]] = []
+            self.update_time = 0.0
+            self._rollout_end: float | None = None
 
         def _on_step(self) -> bool:
             for info in self.locals["infos"]:
@@ -192,24 +146,31 @@ def run_sb3(algo: str, env: str, seed: int, timesteps: int, spec: dict[str, Any]
                     self.episodes.append((self.num_timesteps, float(info["episode"]["r"])))
             return True
 
-    envs = make_vec_env(env, n_envs=spec["n_envs"], seed=seed)
-    if "normalize" in spec:
-        envs = VecNormalize(envs, gamma=kwargs.get("gamma", 0.99), **spec["normalize"])
-    cls = {"a2c": A2C, "ppo": PPO, "sb3_acktr": ACKTR}[algo]
-    model = cls("MlpPolicy", envs, seed=seed, device="cpu", **kwargs)
+        def _on_rollout_end(self) -> None:
+            self._rollout_end = time.perf_counter()
+
+        def _on_rollout_start(self) -> None:
+            if self._rollout_end is not None:
+                self.update_time += time.perf_counter() - self._rollout_end
+
+        def _on_training_end(self) -> None:
+            self._on_rollout_start()
+
+    envs = make_vec_env(env, n_envs=n_envs, seed=seed)
+    if normalize:
+        options = eval(normalize, {}) if isinstance(normalize, str) else {}
+        envs = VecNormalize(envs, gamma=kwargs.get("gamma", 0.99), **options)
+    cls = {"a2c": A2C, "ppo": PPO, "sb3_acktr": ACKTR, "sb3_ppo_kfac": PPOKFAC}[algo]
+    model = cls(policy, envs, seed=seed, device="cpu", **kwargs)
     callback = Episodes()
-    train, update_time = model.train, [0.0]
-
-    def timed_train() -> None:  # SB3's update, timed (learn() calls self.train())
-        t0 = time.perf_counter()
-        train()
-        update_time[0] += time.perf_counter() - t0
-
-    model.train = timed_train
     start = time.perf_counter()
     model.learn(timesteps, callback=callback)
     wall = time.perf_counter() - start
-    return {"episodes": callback.episodes, "wall": wall, "update_share": update_time[0] / wall}
+    return {
+        "episodes": callback.episodes,
+        "wall": wall,
+        "update_share": callback.update_time / wall,
+    }
 
 
 REPORT_BEGIN = "<!-- results: generated by `python scripts/benchmark.py --report`; do not edit -->"
@@ -220,6 +181,7 @@ NAMES = {
     "a2c": "A2C (SB3, rl-zoo)",
     "ppo": "PPO (SB3, rl-zoo)",
     "sb3_acktr": "rl_kfac.sb3.ACKTR",
+    "sb3_ppo_kfac": "rl_kfac.sb3.PPOKFAC",
 }  # table and plot labels
 
 
@@ -243,7 +205,7 @@ def render_report(root: Path) -> str:
         tuned = task.get("tuning_seeds")
         for algo in dict.fromkeys(r["algo"] for r in rows):
             mine = [r for r in rows if r["algo"] == algo]
-            if tuned is None or algo not in ("acktr", "ppo_kfac"):  # only our configs are tuned
+            if tuned is None or algo not in OURS:  # only our configs are tuned
                 lines.append(_report_row(task, mine, ""))
                 continue
             for role, group in (
@@ -348,17 +310,16 @@ def _linear(initial: float, progress_remaining: float) -> float:
 def job(args: tuple[str, str, int, int, bool, list[str]]) -> dict[str, Any]:
     algo, env, seed, timesteps, speed, overrides = args
     task = TASKS[env]
-    if algo in ("acktr", "ppo_kfac"):
+    if algo in OURS:
         out = run_ours(algo, env, seed, timesteps, overrides)
     else:
-        spec = task[algo]
+        zoo = zoo_settings(algo, env)
         if speed:  # same batch shape as our config: n_envs x n_steps
             from agents.config import load_config
 
-            cfg = load_config(task["ppo_kfac_config" if algo == "ppo" else "config"])
-            spec = {**spec, "n_envs": cfg.n_envs,
-                    "kwargs": {**spec["kwargs"], "n_steps": cfg.n_steps}}  # fmt: skip
-        out = run_sb3(algo, env, seed, timesteps, spec)
+            cfg = load_config(task["ppo_kfac_config" if "ppo" in algo else "config"])
+            zoo.update(n_envs=cfg.n_envs, n_steps=cfg.n_steps)
+        out = run_sb3(algo, env, seed, timesteps, zoo)
     out.update(algo=algo, env=env, seed=seed, timesteps=timesteps)
     return out
 
@@ -390,6 +351,9 @@ def main() -> None:
         write_report(Path("README.md"), Path(args.out))
         print(f"README.md: results table rewritten from {args.out}/*/*/runs.csv")
         return
+    unknown = sorted(set(args.algos.split(",")) - set(OURS + SB3))
+    if unknown:
+        parser.error(f"unknown --algos {unknown}; choose from {', '.join(OURS + SB3)}")
     task = TASKS[args.env]
     timesteps = args.timesteps or task["timesteps"]
     jobs = [(a, args.env, s, timesteps, args.speed, args.overrides)
@@ -432,7 +396,7 @@ def main() -> None:
     seeds = f"seeds {args.seeds[0]}..{args.seeds[-1]}"
     print(f"{args.env}: threshold {task['threshold']}, {timesteps} steps, {seeds}{ours}")
     print(
-        f"{'algo':10s} {'reached':>8s} {'median first':>13s} {'final last-100':>15s} "
+        f"{'algo':12s} {'reached':>8s} {'median first':>13s} {'final last-100':>15s} "
         f"{'wall s':>7s} {'update s':>9s}"
     )
     for algo in args.algos.split(","):
@@ -446,7 +410,7 @@ def main() -> None:
         med_s = "never" if med == float("inf") else f"{med / 1000:.1f}k"
         n = f"{len(reached)} of {len(mine)}"
         upd = statistics.median(row["wall_s"] * (row["update_share"] or 0) for row in mine)
-        print(f"{algo:10s} {n:>8s} {med_s:>13s} {finals:15.1f} {wall:7.1f} {upd:9.1f}")
+        print(f"{algo:12s} {n:>8s} {med_s:>13s} {finals:15.1f} {wall:7.1f} {upd:9.1f}")
         print(f"       per seed: {firsts}")
     plot(episodes, task["threshold"], out / "curves.png", args.env)
     print(f"wrote {out}/runs.csv, episodes.csv, curves.png")
@@ -460,7 +424,7 @@ def plot(episodes: list[tuple[Any, ...]], threshold: float, path: Path, env: str
 
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = {"acktr": "tab:red", "a2c": "tab:blue", "ppo_kfac": "tab:orange", "ppo": "tab:green",
-              "sb3_acktr": "tab:purple"}  # fmt: skip
+              "sb3_acktr": "tab:purple", "sb3_ppo_kfac": "tab:brown"}  # fmt: skip
     runs: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for algo, seed, step, ret in episodes:
         runs.setdefault((algo, seed), []).append((step, ret))

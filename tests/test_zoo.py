@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from agents.config import load_config
+from agents.sb3_settings import sb3_arguments, zoo_hyperparams
 from rl_kfac.sb3 import ACKTR, PPOKFAC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,3 +25,28 @@ def test_rl_zoo_trains_and_saves(algo, cls, tmp_path):
     model = cls.load(saved)
     assert model.n_steps == 20 and model.num_timesteps >= 480
     assert model.policy.optimizer.counters["steps"] > 0
+
+
+@pytest.mark.parametrize("algo", ["acktr", "ppo_kfac"])
+def test_zoo_hyperparams_are_generated_from_the_configs(algo):
+    """configs/zoo/*.yml restate nothing: `scripts/zoo.py --write-hyperparams` makes them."""
+    committed = (ROOT / f"configs/zoo/{algo}.yml").read_text()
+    assert committed == zoo_hyperparams(algo, ROOT / "configs"), (
+        "run scripts/zoo.py --write-hyperparams"
+    )
+
+
+@pytest.mark.parametrize(
+    "cls, config",
+    [(ACKTR, None), (PPOKFAC, "configs/ppo_kfac/hopper.yaml")],
+)
+def test_sb3_class_defaults_are_the_documented_settings(cls, config):
+    """ACKTR's defaults are the paper's (agents.config.Config's); PPOKFAC's the Hopper config's.
+    The learning rate is the one documented difference: constant in the classes, linear decay
+    in the configs."""
+    cfg = load_config(ROOT / config if config else None)
+    expected = sb3_arguments(cfg)
+    assert expected.pop("learning_rate") == f"lin_{cls.defaults['learning_rate']:g}"
+    shared = set(expected) & set(cls.defaults)
+    assert shared >= {"n_steps", "gamma", "kl_clip", "momentum", "damping_target_kl"}
+    assert {k: cls.defaults[k] for k in shared} == {k: expected[k] for k in shared}

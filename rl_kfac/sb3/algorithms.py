@@ -176,7 +176,8 @@ class ACKTR(_KFACTraining, A2C):
     (``ACKTR.defaults``) are the paper's and OpenAI baselines', as ``agents.config.Config``'s (a
     test checks): lr 0.25, 20-step rollouts, n-step returns (``gae_lambda=1``), ``ent_coef``
     0.01, K-FAC with momentum 0.9, damping 0.01, ``kl_clip`` 0.001, statistics every update and
-    eigendecompositions every 10, no advantage normalisation. Tuned settings per task:
+    eigendecompositions every 10, no advantage normalisation; the learning rate is constant (the
+    paper decays it linearly: ``"lin_0.25"`` in rl-zoo). Tuned settings per task:
     ``configs/zoo/acktr.yml`` (generated from ``configs/acktr/``).
 
     K-FAC arguments (see :class:`rl_kfac.KFAC`): ``kl_clip``, ``damping``, ``momentum``,
@@ -201,10 +202,11 @@ class PPOKFAC(_KFACTraining, PPO):
     Each minibatch records true-Fisher statistics from the current policy, then takes one
     trust-region-clipped K-FAC step on SB3's clipped-surrogate loss. ``PPOKFAC(policy, env,
     **kwargs)`` takes SB3 PPO's arguments and the K-FAC ones of :class:`ACKTR`. Defaults
-    (``PPOKFAC.defaults``): the paper's K-FAC values, overridden by the settings every tuned
-    config in ``configs/ppo_kfac/`` shares (a test checks): 4 epochs, ``gae_lambda`` 0.95, no
-    entropy bonus, ``kl_clip`` 0.01, momentum 0 and KL-based damping toward 0.003; 256-step
-    rollouts in minibatches of 256. Tuned settings per task: ``configs/zoo/ppo_kfac.yml``.
+    (``PPOKFAC.defaults``): those of ``configs/ppo_kfac/hopper.yaml`` (a test checks), a setting
+    for continuous control: 256-step rollouts in minibatches of 256, 4 epochs, ``gae_lambda``
+    0.95, no entropy bonus, ``kl_clip`` 0.01, momentum 0 and KL-based damping toward 0.003; the
+    learning rate 0.25 is constant (the configs decay it linearly: ``"lin_0.25"`` in rl-zoo).
+    Tuned settings per task: ``configs/zoo/ppo_kfac.yml`` (generated from ``configs/ppo_kfac/``).
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = _POLICIES
