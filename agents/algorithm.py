@@ -41,8 +41,8 @@ class KFACAlgorithm:
             weight_decay=cfg.weight_decay,
             factor_update_interval=cfg.factor_update_interval,
             inverse_update_interval=cfg.inverse_update_interval,
-            damping_mode=cfg.damping_mode,  # type: ignore[arg-type]
-            conv_approx=cfg.conv_approx,  # type: ignore[arg-type]
+            damping_mode=cfg.damping_mode,
+            conv_approx=cfg.conv_approx,
             communicator=comm,
         )
         self.kl_damping = (

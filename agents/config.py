@@ -10,25 +10,34 @@ in configs/ say where they differ.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from agents.networks import PolicySpec
+from agents.networks import Activation, Arch, PolicySpec
+from rl_kfac import ConvApprox, DampingMode
+
+Algo = Literal["acktr", "ppo_kfac"]
+VecEnvKind = Literal["sync", "async"]
+LRSchedule = Literal["linear", "constant"]  # linear: to 0 at total_timesteps
+DampingAdaptation = Literal["none", "kl", "lm"]  # kl: toward damping_target_kl; lm: Martens 2010
 
 
 @dataclass
 class Config:
-    algo: str = "acktr"  # "acktr" | "ppo_kfac"
+    algo: Algo = "acktr"
     env_id: str = "CartPole-v1"
     n_envs: int = 16
     n_steps: int = 20
     total_timesteps: int = 100_000
     seed: int = 0
     device: str = "auto"
-    vec_env: str = "sync"  # "sync" | "async"
+    vec_env: VecEnvKind = "sync"
     frame_stack: int = 4  # Atari only
     # returns
     gamma: float = 0.99
@@ -42,18 +51,18 @@ class Config:
     max_grad_norm: float | None = None
     # K-FAC
     lr: float = 0.25
-    lr_schedule: str = "linear"  # "linear" (to 0 at total_timesteps) | "constant"
+    lr_schedule: LRSchedule = "linear"
     kl_clip: float | None = 1e-3
     damping: float = 1e-2
-    damping_mode: str = "exact"
+    damping_mode: DampingMode = "exact"
     stat_decay: float = 0.99
     momentum: float = 0.9
     weight_decay: float = 0.0
     factor_update_interval: int = 1
     inverse_update_interval: int = 10
-    conv_approx: str = "expand"
-    # damping adaptation (rl_kfac.damping): "none", "kl" (toward damping_target_kl), "lm"
-    damping_adaptation: str = "none"
+    conv_approx: ConvApprox = "expand"
+    # damping adaptation (rl_kfac.damping)
+    damping_adaptation: DampingAdaptation = "none"
     damping_target_kl: float = 0.01
     damping_rate: float = 0.5
     damping_max_factor: float = 2.0
@@ -70,9 +79,9 @@ class Config:
     normalize_advantage: bool | None = None
     target_kl: float | None = None  # early stop of an update's epochs
     # network
-    arch: str = "mlp"
+    arch: Arch = "mlp"
     hidden: list[int] = field(default_factory=lambda: [64, 64])
-    activation: str = "tanh"
+    activation: Activation = "tanh"
     shared_trunk: bool = False
     cnn_last_filters: int = 32
     log_std_init: float = 0.0
@@ -101,18 +110,9 @@ class Config:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        choices = {
-            "algo": ("acktr", "ppo_kfac"),
-            "damping_adaptation": ("none", "kl", "lm"),
-            "vec_env": ("sync", "async"),
-            "lr_schedule": ("linear", "constant"),
-            "damping_mode": ("exact", "pi"),
-            "conv_approx": ("expand", "reduce"),
-            "arch": ("mlp", "cnn"),
-            "activation": ("tanh", "relu"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        for name, kind in TYPES.items():
+            allowed = _choices(kind)
+            if allowed and getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("gamma", "gae_lambda"):
             if not 0 <= getattr(self, name) <= 1:
@@ -148,27 +148,44 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+TYPES: dict[str, Any] = typing.get_type_hints(Config)
+
+
+def _choices(kind: Any) -> tuple[Any, ...]:
+    """The allowed values of a ``Literal`` field (empty for other types)."""
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
 
 
 def _coerce(name: str, value: Any) -> Any:
     """Check a YAML value against the field's type (ints are accepted for floats)."""
-    kind = FIELDS[name].type
-    optional = "None" in str(kind)
-    if value is None:
-        if optional:
+    kind = TYPES[name]
+    args = typing.get_args(kind)
+    if isinstance(kind, types.UnionType) and type(None) in args:  # ``X | None``
+        if value is None:
             return None
+        (kind,) = [a for a in args if a is not type(None)]
+    elif value is None:
         raise ValueError(f"{name} must not be null")
-    base = str(kind).replace(" | None", "")
+    allowed = _choices(kind)
+    if allowed:
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-        "list[int]": isinstance(value, list) and all(isinstance(v, int) for v in value),
-    }[base]
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: number,
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(kind)
+    if kind == list[int]:
+        ok = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
     if not ok:
-        raise ValueError(f"{name} must be {base}, got {value!r}")
-    return float(value) if base == "float" else value
+        wanted = "a list of ints" if kind == list[int] else kind.__name__
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -186,7 +203,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     values: dict[str, Any] = {}
     if path is not None:
         try:

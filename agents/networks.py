@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -17,7 +18,9 @@ from torch import Tensor, nn
 
 from rl_kfac.fisher import categorical_fisher_loss, gaussian_fisher_loss, sample_categorical
 
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+Arch = Literal["mlp", "cnn"]
+Activation = Literal["tanh", "relu"]
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
 class Distribution:
@@ -89,9 +92,9 @@ class Distribution:
 class PolicySpec:
     """Network options (flat, so that YAML configs and ``--set`` can address them)."""
 
-    arch: str = "mlp"  # "mlp" | "cnn"
+    arch: Arch = "mlp"
     hidden: tuple[int, ...] = (64, 64)
-    activation: str = "tanh"
+    activation: Activation = "tanh"
     shared_trunk: bool = False  # MLP only; the CNN trunk is always shared
     cnn_last_filters: int = 32  # the ACKTR paper's last conv layer; Nature DQN uses 64
     log_std_init: float = 0.0
