@@ -15,13 +15,20 @@ from agents.checkpoint import load_checkpoint
 from agents.config import from_dict, load_config, parse_override
 
 
+def add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable), collected in ``args.overrides``."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="rl-kfac-train", description="Train ACKTR from a YAML config; logs to TensorBoard."
+        prog="rl-kfac-train",
+        description="Train ACKTR or PPO-KFAC from a YAML config; logs to TensorBoard.",
     )
     parser.add_argument("--config", help="configs/<algo>/<env>.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config key (repeatable)")  # fmt: skip
+    add_override_argument(parser, "override a config key (repeatable)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--total-timesteps", type=int)
@@ -32,8 +39,11 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
-    for key, value in (("seed", args.seed), ("device", args.device),
-                       ("total_timesteps", args.total_timesteps)):  # fmt: skip
+    for key, value in (
+        ("seed", args.seed),
+        ("device", args.device),
+        ("total_timesteps", args.total_timesteps),
+    ):
         if value is not None:
             overrides.append(f"{key}={value}")
 
@@ -122,6 +132,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         if final and "episode" in final:
             returns += [float(r) for r in final["episode"]["r"][final["_episode"]]]
     envs.close()
-    print(f"{cfg.env_id}: mean return {np.mean(returns):.2f} ± {np.std(returns):.2f} "
-          f"over {len(returns)} episodes ({Path(args.checkpoint).name})")  # fmt: skip
+    print(
+        f"{cfg.env_id}: mean return {np.mean(returns):.2f} ± {np.std(returns):.2f} "
+        f"over {len(returns)} episodes ({Path(args.checkpoint).name})"
+    )
     return 0

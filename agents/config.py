@@ -32,12 +32,12 @@ DampingAdaptation = Literal["none", "kl", "lm"]  # kl: toward damping_target_kl;
 class Config:
     algo: Algo = "acktr"
     env_id: str = "CartPole-v1"
-    n_envs: int = 16
+    n_envs: int = 16  # environments stepped together; a rollout is n_envs x n_steps
     n_steps: int = 20
     total_timesteps: int = 100_000
-    seed: int = 0
-    device: str = "auto"
-    vec_env: VecEnvKind = "sync"
+    seed: int = 0  # torch, numpy, python and the environments
+    device: str = "auto"  # auto: CUDA when available; cpu, cuda, cuda:N
+    vec_env: VecEnvKind = "sync"  # async: one process per environment
     frame_stack: int = 4  # Atari only
     # returns
     gamma: float = 0.99
@@ -103,10 +103,25 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ``ValueError`` with one line naming the first invalid value."""
-        positive = ("n_envs", "n_steps", "total_timesteps", "lr", "damping", "log_interval",
-                    "checkpoint_interval", "frame_stack", "factor_update_interval",
-                    "inverse_update_interval", "cnn_last_filters", "n_epochs", "batch_size",
-                    "clip_range", "damping_target_kl", "damping_rate", "damping_min")  # fmt: skip
+        positive = (
+            "n_envs",
+            "n_steps",
+            "total_timesteps",
+            "lr",
+            "damping",
+            "log_interval",
+            "checkpoint_interval",
+            "frame_stack",
+            "factor_update_interval",
+            "inverse_update_interval",
+            "cnn_last_filters",
+            "n_epochs",
+            "batch_size",
+            "clip_range",
+            "damping_target_kl",
+            "damping_rate",
+            "damping_min",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

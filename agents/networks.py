@@ -26,8 +26,12 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 class Distribution:
     """A batch of action distributions: categorical (logits) or diagonal Gaussian."""
 
-    def __init__(self, logits: Tensor | None = None, mean: Tensor | None = None,
-                 log_std: Tensor | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        logits: Tensor | None = None,
+        mean: Tensor | None = None,
+        log_std: Tensor | None = None,
+    ) -> None:
         self.logits, self.mean, self.log_std = logits, mean, log_std
 
     @property
@@ -114,11 +118,16 @@ class NatureCNN(nn.Module):
     def __init__(self, channels: int, last_filters: int, features: int = 512) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(channels, 32, 8, stride=4), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, last_filters, 3, stride=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(last_filters * 7 * 7, features), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv2d(channels, 32, 8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, last_filters, 3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(last_filters * 7 * 7, features),
+            nn.ReLU(),
+        )
         self.features = features
 
     def forward(self, x: Tensor) -> Tensor:

@@ -39,8 +39,15 @@ class RunningMeanStd:
 class Normalizer:
     """Observation normalisation (clip ±10) and reward scaling by the std of discounted returns."""
 
-    def __init__(self, obs_shape: tuple[int, ...], n_envs: int, gamma: float, obs: bool,
-                 reward: bool, clip: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        obs_shape: tuple[int, ...],
+        n_envs: int,
+        gamma: float,
+        obs: bool,
+        reward: bool,
+        clip: float = 10.0,
+    ) -> None:
         self.obs_rms = RunningMeanStd(obs_shape) if obs else None
         self.ret_rms = RunningMeanStd() if reward else None
         self.returns = np.zeros(n_envs, np.float64)

@@ -19,16 +19,18 @@ from agents.rollout import Batch
 from rl_kfac.actor_critic import record_fisher
 
 
-def clipped_surrogate(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
-                      clip_range: float) -> Tensor:  # fmt: skip
+def clipped_surrogate(
+    log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_range: float
+) -> Tensor:
     """``-E[min(r A, clip(r, 1-ε, 1+ε) A)]`` with ``r = exp(log π − log π_old)``."""
     ratio = (log_probs - old_log_probs).exp()
     clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     return -torch.min(ratio * advantages, clipped * advantages).mean()
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor,
-               clip_range_vf: float | None) -> Tensor:  # fmt: skip
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, clip_range_vf: float | None
+) -> Tensor:
     """MSE to the returns; with ``clip_range_vf`` the PPO2 pessimistic clipped form."""
     if clip_range_vf is None:
         return (returns - values).pow(2).mean()

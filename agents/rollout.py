@@ -67,9 +67,17 @@ class Batch:
 class RolloutCollector:
     """Steps a vector env with the current policy and returns flattened batches."""
 
-    def __init__(self, envs: VectorEnv, policy: ActorCritic, n_steps: int, gamma: float,
-                 gae_lambda: float, normalizer: Normalizer, device: torch.device,
-                 seed: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        envs: VectorEnv,
+        policy: ActorCritic,
+        n_steps: int,
+        gamma: float,
+        gae_lambda: float,
+        normalizer: Normalizer,
+        device: torch.device,
+        seed: int,
+    ) -> None:
         self.envs, self.policy, self.normalizer = envs, policy, normalizer
         self.n_steps, self.gamma, self.gae_lambda, self.device = n_steps, gamma, gae_lambda, device
         self.n_envs = envs.num_envs

@@ -61,11 +61,20 @@ def sb3_arguments(cfg: Config) -> dict[str, Any]:
     if cfg.max_grad_norm is not None:
         args["max_grad_norm"] = cfg.max_grad_norm
     if cfg.algo == "ppo_kfac":
-        args.update(batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, clip_range=cfg.clip_range,
-                    clip_range_vf=cfg.clip_range_vf, target_kl=cfg.target_kl)  # fmt: skip
+        args.update(
+            batch_size=cfg.batch_size,
+            n_epochs=cfg.n_epochs,
+            clip_range=cfg.clip_range,
+            clip_range_vf=cfg.clip_range_vf,
+            target_kl=cfg.target_kl,
+        )
     if cfg.damping_adaptation == "kl":
-        controller = {"rate": cfg.damping_rate, "max_factor": cfg.damping_max_factor,
-                      "damping_min": cfg.damping_min, "damping_max": cfg.damping_max}  # fmt: skip
+        controller = {
+            "rate": cfg.damping_rate,
+            "max_factor": cfg.damping_max_factor,
+            "damping_min": cfg.damping_min,
+            "damping_max": cfg.damping_max,
+        }
         own = {k: v for k, v in controller.items() if getattr(_KL_CONTROLLER, k) != v}
         if own:
             args["damping_kwargs"] = own

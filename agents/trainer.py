@@ -73,8 +73,13 @@ class Trainer:
     ``timesteps`` counts all ranks' steps, and rank 0 alone logs and writes checkpoints.
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: dict[str, Any] | None = None,
-                 progress: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        resume: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
         # Everything that can reject the input runs before anything is written.
         self.cfg = cfg.validate()
         run_dir = Path(run_dir)
@@ -118,9 +123,15 @@ class Trainer:
             seed_everything(cfg.seed + self.rank + 7919 * self.updates)
             env_seed += 1_000_003 * self.rank
         self.collector = RolloutCollector(
-            self.envs, self.policy, cfg.n_steps, cfg.gamma, cfg.gae_lambda, self.normalizer,
-            self.device, env_seed,
-        )  # fmt: skip
+            self.envs,
+            self.policy,
+            cfg.n_steps,
+            cfg.gamma,
+            cfg.gae_lambda,
+            self.normalizer,
+            self.device,
+            env_seed,
+        )
         self.run_dir = run_dir
         self.writer: SummaryWriter | None = None
         if self.rank == 0:
@@ -152,8 +163,13 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         result = TrainResult(self.run_dir, self.timesteps)
-        bar = tqdm(total=cfg.total_timesteps, initial=self.timesteps, unit="step",
-                   disable=not self.show_progress, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=cfg.total_timesteps,
+            initial=self.timesteps,
+            unit="step",
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+        )
         start = time.perf_counter()
         start_steps = self.timesteps
         next_checkpoint = (self.timesteps // cfg.checkpoint_interval + 1) * cfg.checkpoint_interval
@@ -206,8 +222,9 @@ class Trainer:
         self.envs.close()
 
 
-def trainer_from_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None,
-                            run_dir: str | Path | None = None) -> Trainer:  # fmt: skip
+def trainer_from_checkpoint(
+    path: str | Path, overrides: dict[str, Any] | None = None, run_dir: str | Path | None = None
+) -> Trainer:
     """Continue a run: config from the checkpoint (plus overrides, e.g. total_timesteps)."""
     payload = load_checkpoint(path)
     cfg = from_dict({**payload["config"], **(overrides or {})})

@@ -93,9 +93,10 @@ class Conv2dBlock(Block):
         conv = self.conv
         if a.dim() == 3:
             a = a.unsqueeze(0)
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or any(conv.padding):
+        pad = _conv_padding(conv)
+        if any(pad):
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            a = F.pad(a, conv._reversed_padding_repeated_twice, mode=mode)
+            a = F.pad(a, pad, mode=mode)
         return a
 
     def input_rows(self, a: Tensor) -> tuple[Tensor, float]:
@@ -122,6 +123,22 @@ class Conv2dBlock(Block):
         if self.approx == "expand":
             return g.permute(0, 2, 3, 1).reshape(-1, self.dim_g), float(n)
         return g.sum(dim=(2, 3)), float(n)
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """``F.pad`` widths (left, right, top, bottom) of the layer's own padding.
+
+    ``"same"`` pads a total of ``dilation·(kernel − 1)`` per dimension, the smaller half first,
+    as ``nn.Conv2d`` does; ``"valid"`` pads nothing.
+    """
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        (th, tw) = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = padding
+    return (pw, pw, ph, ph)
 
 
 def make_block(module: nn.Module, name: str, has_bias: bool, conv_approx: ConvApprox) -> Block:

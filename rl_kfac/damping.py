@@ -50,8 +50,14 @@ class KLDampingController:
     KL penalty, Schulman et al. 2017); here the step size stays the trust region's job.
     """
 
-    def __init__(self, target_kl: float = 0.01, rate: float = 0.5, max_factor: float = 2.0,
-                 damping_min: float = 1e-4, damping_max: float = 1.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        target_kl: float = 0.01,
+        rate: float = 0.5,
+        max_factor: float = 2.0,
+        damping_min: float = 1e-4,
+        damping_max: float = 1.0,
+    ) -> None:
         if target_kl <= 0 or rate <= 0 or max_factor <= 1:
             raise ValueError("need target_kl > 0, rate > 0 and max_factor > 1")
         if not 0 < damping_min <= damping_max:
@@ -83,8 +89,9 @@ class LevenbergMarquardt:
     ρ < 1/4: the model was too optimistic, λ ← λ·ω; ρ > 3/4: λ ← λ/ω.
     """
 
-    def __init__(self, omega: float = 1.5, damping_min: float = 1e-4,
-                 damping_max: float = 1.0) -> None:  # fmt: skip
+    def __init__(
+        self, omega: float = 1.5, damping_min: float = 1e-4, damping_max: float = 1.0
+    ) -> None:
         if omega <= 1 or not 0 < damping_min <= damping_max:
             raise ValueError("need omega > 1 and 0 < damping_min <= damping_max")
         self.omega, self.damping_min, self.damping_max = omega, damping_min, damping_max

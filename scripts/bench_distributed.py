@@ -32,11 +32,21 @@ def main() -> None:
     base = None
     for procs in [int(p) for p in args.procs.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={procs}",
-                   str(ROOT / "scripts/train.py"), "--config", str(ROOT / args.config),
-                   "--set", f"total_timesteps={args.timesteps}", "--log-dir", f"{tmp}/run",
-                   *[x for o in args.overrides for x in ("--set", o)]]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={procs}",
+                str(ROOT / "scripts/train.py"),
+                "--config",
+                str(ROOT / args.config),
+                "--set",
+                f"total_timesteps={args.timesteps}",
+                "--log-dir",
+                f"{tmp}/run",
+                *[x for o in args.overrides for x in ("--set", o)],
+            ]
             start = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - start

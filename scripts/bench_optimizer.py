@@ -49,11 +49,16 @@ def nature_cnn_policy(n_actions: int = 6) -> nn.Module:
         def __init__(self) -> None:
             super().__init__()
             self.trunk = nn.Sequential(
-                nn.Conv2d(4, 32, 8, stride=4), nn.ReLU(),
-                nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-                nn.Conv2d(64, 32, 3, stride=1), nn.ReLU(),
-                nn.Flatten(), nn.Linear(32 * 7 * 7, 512), nn.ReLU(),
-            )  # fmt: skip
+                nn.Conv2d(4, 32, 8, stride=4),
+                nn.ReLU(),
+                nn.Conv2d(32, 64, 4, stride=2),
+                nn.ReLU(),
+                nn.Conv2d(64, 32, 3, stride=1),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(32 * 7 * 7, 512),
+                nn.ReLU(),
+            )
             self.pi, self.vf = nn.Linear(512, n_actions), nn.Linear(512, 1)
 
         def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,9 +140,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=7, help="timed blocks of 10 updates")
     parser.add_argument("--only", choices=["mlp", "cnn"])
     parser.add_argument(
-        "--factor-update-interval", type=int, default=0,
+        "--factor-update-interval",
+        type=int,
+        default=0,
         help="also time K-FAC with statistics only every T steps",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from agents.cli import add_override_argument
+
 TASKS: dict[str, dict[str, Any]] = {
     # threshold, budget, our configs, and the key of rl-baselines3-zoo's a2c.yml / ppo.yml whose
     # hyperparameters the SB3 reference runs use (rl_zoo3's own files, as installed)
@@ -104,8 +106,11 @@ def run_ours(
     start = time.perf_counter()
     result = Trainer(cfg, run_dir, progress=False).train()
     wall = time.perf_counter() - start
-    return {"episodes": [(s, r) for s, r, _ in result.episodes], "wall": wall,
-            "update_share": result.update_time / wall}  # fmt: skip
+    return {
+        "episodes": [(s, r) for s, r, _ in result.episodes],
+        "wall": wall,
+        "update_share": result.update_time / wall,
+    }
 
 
 def run_sb3(algo: str, env: str, seed: int, timesteps: int, zoo: dict[str, Any]) -> dict[str, Any]:
@@ -272,8 +277,13 @@ def _provenance() -> dict[str, str]:
     code = ("rl_kfac", "agents", "configs", "scripts", "pyproject.toml")
     if git("status", "--porcelain", "--untracked-files=no", "--", *code):
         commit += "+dirty"
-    return {"commit": commit, "torch": torch.__version__, "gymnasium": gymnasium.__version__,
-            "sb3": stable_baselines3.__version__, "threads": "1"}  # fmt: skip
+    return {
+        "commit": commit,
+        "torch": torch.__version__,
+        "gymnasium": gymnasium.__version__,
+        "sb3": stable_baselines3.__version__,
+        "threads": "1",
+    }
 
 
 def _merge(
@@ -334,14 +344,7 @@ def main() -> None:
     parser.add_argument("--algos", default="acktr,a2c")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--speed", action="store_true", help="SB3 runs with our n_envs x n_steps")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override our agents' config (repeatable)",
-    )
+    add_override_argument(parser, "override our agents' config (repeatable)")
     parser.add_argument("--out", default="bench_results")
     parser.add_argument(
         "--report", action="store_true", help="rewrite README.md's results table from --out"
@@ -356,8 +359,11 @@ def main() -> None:
         parser.error(f"unknown --algos {unknown}; choose from {', '.join(OURS + SB3)}")
     task = TASKS[args.env]
     timesteps = args.timesteps or task["timesteps"]
-    jobs = [(a, args.env, s, timesteps, args.speed, args.overrides)
-            for s in args.seeds for a in args.algos.split(",")]  # fmt: skip
+    jobs = [
+        (a, args.env, s, timesteps, args.speed, args.overrides)
+        for s in args.seeds
+        for a in args.algos.split(",")
+    ]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(job, jobs)
 
@@ -369,14 +375,19 @@ def main() -> None:
         lasts = [
             np.mean([x for _, x in eps[max(0, i - 100) : i]]) for i in range(100, len(eps) + 1)
         ]
-        rows.append({
-            "algo": r["algo"], "env": r["env"], "seed": r["seed"], "timesteps": r["timesteps"],
-            "first_to_threshold": first_to_threshold(eps, task["threshold"]),
-            "final_last100": round(float(np.mean([x for _, x in eps[-100:]])), 1),
-            "best_last100": round(float(max(lasts)), 1) if lasts else None,
-            "wall_s": round(r["wall"], 1),
-            "update_share": None if r["update_share"] is None else round(r["update_share"], 3),
-        })  # fmt: skip
+        rows.append(
+            {
+                "algo": r["algo"],
+                "env": r["env"],
+                "seed": r["seed"],
+                "timesteps": r["timesteps"],
+                "first_to_threshold": first_to_threshold(eps, task["threshold"]),
+                "final_last100": round(float(np.mean([x for _, x in eps[-100:]])), 1),
+                "best_last100": round(float(max(lasts)), 1) if lasts else None,
+                "wall_s": round(r["wall"], 1),
+                "update_share": None if r["update_share"] is None else round(r["update_share"], 3),
+            }
+        )
     provenance = _provenance()
     for row in rows:
         row.update(provenance)
@@ -423,8 +434,14 @@ def plot(episodes: list[tuple[Any, ...]], threshold: float, path: Path, env: str
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    colors = {"acktr": "tab:red", "a2c": "tab:blue", "ppo_kfac": "tab:orange", "ppo": "tab:green",
-              "sb3_acktr": "tab:purple", "sb3_ppo_kfac": "tab:brown"}  # fmt: skip
+    colors = {
+        "acktr": "tab:red",
+        "a2c": "tab:blue",
+        "ppo_kfac": "tab:orange",
+        "ppo": "tab:green",
+        "sb3_acktr": "tab:purple",
+        "sb3_ppo_kfac": "tab:brown",
+    }
     runs: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for algo, seed, step, ret in episodes:
         runs.setdefault((algo, seed), []).append((step, ret))

@@ -38,9 +38,13 @@ N = 12  # samples per rank
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 6),
-        nn.ReLU(), nn.Linear(6, 4),
-    )  # fmt: skip
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 6),
+        nn.ReLU(),
+        nn.Linear(6, 4),
+    )
 
 
 def data() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -56,9 +60,17 @@ def data() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
 
 
 def train(model: nn.Module, batches, comm: Communicator | None, part: slice) -> KFAC:
-    opt = KFAC(model, lr=0.3, momentum=0.9, kl_clip=1e-2, damping=1e-2, stat_decay=0.9,
-               inverse_update_interval=2, factor_dtype=torch.float64,
-               communicator=comm)  # fmt: skip
+    opt = KFAC(
+        model,
+        lr=0.3,
+        momentum=0.9,
+        kl_clip=1e-2,
+        damping=1e-2,
+        stat_decay=0.9,
+        inverse_update_interval=2,
+        factor_dtype=torch.float64,
+        communicator=comm,
+    )
     for x, targets, labels in batches:
         out = model(x[part])
         opt.fisher_backward(F.cross_entropy(out, targets[part]))
@@ -173,8 +185,13 @@ def free_port() -> int:
 
 
 def trainer_worker(rank: int, port: int, out: str, resume: bool) -> None:
-    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     from agents.config import load_config
     from agents.trainer import Trainer, trainer_from_checkpoint
@@ -227,9 +244,20 @@ def test_training_on_two_ranks_keeps_them_identical_and_resumes(tmp_path):
 
 
 def test_torchrun_runs_the_training_script(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "scripts/train.py"), "--config", str(ROOT / "configs/ppo_kfac/cartpole.yaml"),
-           "--set", "total_timesteps=1600", "--log-dir", str(tmp_path / "run")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "scripts/train.py"),
+        "--config",
+        str(ROOT / "configs/ppo_kfac/cartpole.yaml"),
+        "--set",
+        "total_timesteps=1600",
+        "--log-dir",
+        str(tmp_path / "run"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("run directory:") == 1  # printed by rank 0 only

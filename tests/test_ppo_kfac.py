@@ -66,8 +66,9 @@ def test_acktr_policy_loss_normalises_advantages_only_when_asked(normalize_advan
 
 
 def test_kl_damping_is_monotone_bounded_and_moves_toward_the_target():
-    ctl = KLDampingController(target_kl=0.01, rate=0.5, max_factor=2.0, damping_min=1e-3,
-                              damping_max=0.1)  # fmt: skip
+    ctl = KLDampingController(
+        target_kl=0.01, rate=0.5, max_factor=2.0, damping_min=1e-3, damping_max=0.1
+    )
     kls = np.logspace(-6, 1, 200)
     out = [ctl.update(0.01, float(k)) for k in kls]
     assert all(b >= a for a, b in itertools.pairwise(out))  # monotone in the measured KL

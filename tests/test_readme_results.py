@@ -40,8 +40,18 @@ def test_report_rows_count_and_median_by_hand(tmp_path):
     out.mkdir(parents=True)
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["algo", "env", "seed", "timesteps", "first_to_threshold",
-                         "final_last100", "wall_s", "commit"])  # fmt: skip
+        writer.writerow(
+            [
+                "algo",
+                "env",
+                "seed",
+                "timesteps",
+                "first_to_threshold",
+                "final_last100",
+                "wall_s",
+                "commit",
+            ]
+        )
         for algo, seed, first, final in rows:
             writer.writerow([algo, "LunarLander-v3", seed, 500000, first, final, 50.0, "abc1234"])
     table = bench.render_report(tmp_path).splitlines()

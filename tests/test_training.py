@@ -143,16 +143,34 @@ def scalars(run_dir):
 
 def test_train_command_logs_checkpoints_evaluates_and_resumes(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["--config", CARTPOLE, "--log-dir", str(run_dir), "--total-timesteps", "3200",
-            "--set", "log_interval=2", "--no-progress"]  # fmt: skip
+    args = [
+        "--config",
+        CARTPOLE,
+        "--log-dir",
+        str(run_dir),
+        "--total-timesteps",
+        "3200",
+        "--set",
+        "log_interval=2",
+        "--no-progress",
+    ]
     assert train_main(args) == 0
     assert (run_dir / "config.yaml").exists() and (run_dir / "last.pt").exists()
     tags = set(scalars(run_dir).Tags()["scalars"])
     expected = {
-        "rollout/ep_rew_mean", "rollout/ep_len_mean", "time/fps", "train/policy_loss",
-        "train/value_loss", "train/entropy", "train/approx_kl", "train/learning_rate",
-        "kfac/step_scale", "kfac/damping", "kfac/quadratic", "kfac/skipped_steps",
-    }  # fmt: skip
+        "rollout/ep_rew_mean",
+        "rollout/ep_len_mean",
+        "time/fps",
+        "train/policy_loss",
+        "train/value_loss",
+        "train/entropy",
+        "train/approx_kl",
+        "train/learning_rate",
+        "kfac/step_scale",
+        "kfac/damping",
+        "kfac/quadratic",
+        "kfac/skipped_steps",
+    }
     assert expected <= tags
     assert evaluate_main([str(run_dir / "last.pt"), "--episodes", "2"]) == 0
     assert "mean return" in capsys.readouterr().out

@@ -17,9 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("algo, cls", [("acktr", ACKTR), ("ppo_kfac", PPOKFAC)])
 def test_rl_zoo_trains_and_saves(algo, cls, tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts/zoo.py"), "--algo", algo, "--env", "CartPole-v1",
-           "--conf-file", str(ROOT / f"configs/zoo/{algo}.yml"), "-n", "480", "-f", str(tmp_path),
-           "--eval-freq", "-1", "--seed", "0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts/zoo.py"),
+        "--algo",
+        algo,
+        "--env",
+        "CartPole-v1",
+        "--conf-file",
+        str(ROOT / f"configs/zoo/{algo}.yml"),
+        "-n",
+        "480",
+        "-f",
+        str(tmp_path),
+        "--eval-freq",
+        "-1",
+        "--seed",
+        "0",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     (saved,) = tmp_path.glob(f"{algo}/CartPole-v1_*/CartPole-v1.zip")
     model = cls.load(saved)

@@ -90,7 +90,6 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         if vf_fisher_coef < 0:
             raise ValueError(f"vf_fisher_coef must be >= 0, got {vf_fisher_coef}")
         self.vf_fisher_coef = vf_fisher_coef
-        self._train_distribution: Distribution | None = None
         # SB3's _build hands the optimizer a parameter iterator; K-FAC is built on the module
         # instead (layers known up front, no discovery hook), right after SB3's networks exist.
         super().__init__(  # type: ignore[misc]  # (optimizer_* are not in *args)
@@ -110,20 +109,28 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
     def _get_constructor_parameters(self) -> dict[str, Any]:
         return {**super()._get_constructor_parameters(), "vf_fisher_coef": self.vf_fisher_coef}
 
-    def _get_action_dist_from_latent(self, latent_pi: Tensor) -> Distribution:
-        distribution = super()._get_action_dist_from_latent(latent_pi)
-        if torch.is_grad_enabled():  # a training forward: evaluate_actions needs it
-            self._train_distribution = distribution
-        return distribution
-
     def evaluate_actions(self, obs: Any, actions: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """SB3's training forward; records K-FAC statistics first when they are due."""
-        values, log_prob, entropy = super().evaluate_actions(obs, actions)
-        distribution, self._train_distribution = self._train_distribution, None
-        if distribution is not None:
-            fisher = functools.partial(policy_fisher_loss, distribution)
-            record_fisher(self.optimizer, fisher, values, self.vf_fisher_coef)
-        return values, log_prob, entropy
+        """SB3's training forward (the same networks and outputs as ``ActorCriticPolicy``'s);
+        records K-FAC statistics from it first when they are due."""
+        features = self.extract_features(obs)
+        if self.share_features_extractor:
+            latent_pi, latent_vf = self.mlp_extractor(features)
+        else:
+            pi_features, vf_features = features
+            latent_pi = self.mlp_extractor.forward_actor(pi_features)
+            latent_vf = self.mlp_extractor.forward_critic(vf_features)
+        distribution = self._distribution(self.action_net(latent_pi))
+        values = self.value_net(latent_vf)
+        fisher = functools.partial(policy_fisher_loss, distribution)
+        record_fisher(self.optimizer, fisher, values, self.vf_fisher_coef)
+        return values, distribution.log_prob(actions), distribution.entropy()
+
+    def _distribution(self, action_net_output: Tensor) -> Distribution:
+        """The action distribution from the action head's output (means, or logits)."""
+        if isinstance(self.action_dist, DiagGaussianDistribution):
+            return self.action_dist.proba_distribution(action_net_output, self.log_std)
+        assert isinstance(self.action_dist, (CategoricalDistribution, MultiCategoricalDistribution))
+        return self.action_dist.proba_distribution(action_logits=action_net_output)
 
 
 class KFACActorCriticCnnPolicy(KFACActorCriticPolicy):
