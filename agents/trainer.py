@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import sys
@@ -50,11 +51,23 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class TrainResult:
+    """What one ``Trainer.train()`` call did (``result.json`` in the run directory)."""
+
     run_dir: Path
-    timesteps: int
+    timesteps: int  # in total, all ranks, including steps of an earlier run resumed from
     episodes: list[tuple[int, float, int]] = field(default_factory=list)  # (step, return, len)
-    wall_time: float = 0.0
-    update_time: float = 0.0
+    wall_time: float = 0.0  # seconds of the training loop in this call
+    update_time: float = 0.0  # of which in the algorithm's updates
+
+    def summary(self) -> dict[str, Any]:
+        returns = [r for _, r, _ in self.episodes[-100:]]
+        return {
+            "timesteps": self.timesteps,
+            "wall_time_s": round(self.wall_time, 3),
+            "update_time_s": round(self.update_time, 3),
+            "episodes": len(self.episodes),
+            "last100_return": float(np.mean(returns)) if returns else None,
+        }
 
 
 def _rank_device(device: torch.device) -> torch.device:
@@ -205,6 +218,8 @@ class Trainer:
         self.close()
         result.timesteps = self.timesteps
         result.wall_time = time.perf_counter() - start
+        if self.rank == 0:
+            (self.run_dir / "result.json").write_text(json.dumps(result.summary(), indent=1))
         return result
 
     def _log(self, writer: SummaryWriter, stats: Stats, fps: float) -> None:

@@ -229,7 +229,7 @@ def test_training_on_two_ranks_keeps_them_identical_and_resumes(tmp_path):
     assert [r["steps"] for r in results] == [3200, 3200]  # 4 envs x 20 steps x 2 ranks / update
     assert_ranks_identical(results)
     files = sorted(p.name for p in (tmp_path / "run").iterdir())  # rank 0 alone writes
-    assert files[0] == "config.yaml" and files[2] == "last.pt" and len(files) == 3
+    assert files[0] == "config.yaml" and files[2:] == ["last.pt", "result.json"]
     assert files[1].startswith("events.out.tfevents")
     ckpt = torch.load(tmp_path / "run/last.pt", weights_only=True)
     assert ckpt["timesteps"] == 3200 and ckpt["updates"] == 20

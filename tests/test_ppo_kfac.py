@@ -100,6 +100,7 @@ def test_damping_config_errors():
         load_config("configs/ppo_kfac/cartpole.yaml", ["damping_adaptation=adam"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "overrides"),
     [

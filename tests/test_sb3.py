@@ -264,6 +264,7 @@ def test_distribution_kl_matches_closed_forms():
     torch.testing.assert_close(distribution_kl(old, new), by_hand)
 
 
+@pytest.mark.slow
 def test_acktr_learns_cartpole():
     env = make_vec_env("CartPole-v1", n_envs=8, seed=0)
     model = ACKTR("MlpPolicy", env, n_steps=20, kl_clip=0.01, momentum=0.0, seed=0)
