@@ -62,6 +62,10 @@ class KFACAlgorithm:
             else None
         )
 
+    def __repr__(self) -> str:
+        damping = self.kl_damping or self.lm_damping
+        return f"{type(self).__name__}(optimizer={self.optimizer}, damping_adaptation={damping})"
+
     def set_learning_rate(self, progress: float) -> float:
         """Linear decay to 0 at the end of training, or constant; returns the new rate."""
         lr = (

@@ -38,6 +38,12 @@ class Distribution:
     def discrete(self) -> bool:
         return self.logits is not None
 
+    def __repr__(self) -> str:
+        if self.logits is not None:
+            return f"Distribution(categorical, logits={tuple(self.logits.shape)})"
+        assert self.mean is not None
+        return f"Distribution(diagonal Gaussian, mean={tuple(self.mean.shape)})"
+
     def sample(self) -> Tensor:
         if self.logits is not None:
             return sample_categorical(self.logits)

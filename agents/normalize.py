@@ -19,6 +19,9 @@ class RunningMeanStd:
         self.var = np.ones(shape, np.float64)
         self.count = 1e-4
 
+    def __repr__(self) -> str:
+        return f"RunningMeanStd(shape={self.mean.shape}, count={self.count:g})"
+
     def update(self, batch: np.ndarray) -> None:
         b_mean, b_var, b_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
         delta = b_mean - self.mean
@@ -52,6 +55,12 @@ class Normalizer:
         self.ret_rms = RunningMeanStd() if reward else None
         self.returns = np.zeros(n_envs, np.float64)
         self.gamma, self.clip, self.training = gamma, clip, True
+
+    def __repr__(self) -> str:
+        return (
+            f"Normalizer(obs={self.obs_rms is not None}, reward={self.ret_rms is not None}, "
+            f"gamma={self.gamma}, clip={self.clip}, training={self.training})"
+        )
 
     def observations(self, obs: np.ndarray, update: bool | None = None) -> np.ndarray:
         if self.obs_rms is None:

@@ -51,7 +51,12 @@ def compute_gae(
 
 @dataclass
 class Batch:
-    """A rollout flattened over (time, env)."""
+    """A rollout flattened over (time, env).
+
+    ``obs``, ``actions``, ``log_probs`` and ``values`` are *views* of the collector's rollout
+    buffers, which the next ``collect()`` overwrites: use a batch before collecting the next one,
+    or ``clone()`` what must outlive it.
+    """
 
     obs: Tensor
     actions: Tensor
@@ -103,11 +108,18 @@ class RolloutCollector:
         # not added to the statistics: a resumed run starts from exactly the saved ones
         self.next_obs = self._to_device(self.normalizer.observations(raw, update=False))
 
+    def __repr__(self) -> str:
+        return (
+            f"RolloutCollector(n_envs={self.n_envs}, n_steps={self.n_steps}, gamma={self.gamma}, "
+            f"gae_lambda={self.gae_lambda}, device={self.device}, timesteps={self.timesteps})"
+        )
+
     def _to_device(self, obs: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(obs)).to(self.device, self.obs.dtype)
 
     @torch.no_grad()
     def collect(self) -> Batch:
+        """Step ``n_steps`` times; the batch views this collector's buffers (see :class:`Batch`)."""
         self.bootstrap.zero_()
         for t in range(self.n_steps):
             obs = self.next_obs

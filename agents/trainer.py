@@ -154,6 +154,13 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir), purge_step=self.timesteps or None)
         self.show_progress = progress and sys.stderr.isatty() and self.rank == 0
 
+    def __repr__(self) -> str:
+        return (
+            f"Trainer({self.cfg.algo} on {self.cfg.env_id}, run_dir={str(self.run_dir)!r}, "
+            f"timesteps={self.timesteps}, updates={self.updates}, rank={self.rank}/"
+            f"{self.world_size})"
+        )
+
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {

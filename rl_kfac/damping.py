@@ -96,6 +96,12 @@ class LevenbergMarquardt:
             raise ValueError("need omega > 1 and 0 < damping_min <= damping_max")
         self.omega, self.damping_min, self.damping_max = omega, damping_min, damping_max
 
+    def __repr__(self) -> str:
+        return (
+            f"LevenbergMarquardt(omega={self.omega}, "
+            f"bounds=({self.damping_min}, {self.damping_max}))"
+        )
+
     @staticmethod
     def predicted_change(quadratic: float, step: float) -> float:
         return quadratic * (step * step / 2 - step)
