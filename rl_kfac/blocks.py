@@ -38,7 +38,8 @@ class Block:
         self.module = module
         self.name = name
         self.weight: Tensor = weight
-        self.bias: Tensor | None = module.bias if has_bias else None  # type: ignore[assignment]
+        bias = module.bias if has_bias else None
+        self.bias: Tensor | None = bias if isinstance(bias, Tensor) else None
         self.dim_g = int(weight.shape[0])
         self.dim_in = int(weight[0].numel())
         self.dim_a = self.dim_in + int(has_bias)

@@ -219,10 +219,10 @@ class Curvature:
         for block in blocks:
             if not self.ready(block):
                 continue
-            groups = {group_of.get(id(p)) for p in block.params}
-            if len(groups) != 1 or None in groups:
+            groups = {group_of.get(id(p), -1) for p in block.params}
+            if len(groups) != 1 or -1 in groups:
                 raise ValueError(f"{block.name}: weight and bias must be in the same param group")
-            ready[groups.pop()].append(block)  # type: ignore[index]
+            ready[groups.pop()].append(block)
         layout = []
         for group, members in zip(param_groups, ready):
             owned = {id(p) for b in members for p in b.params}

@@ -278,7 +278,7 @@ class KFAC(Optimizer):
             dirs += bucket.update_views
         plain = [p for p in lay.plain if p.grad is not None]
         if plain:
-            grads: list[Tensor] = [p.grad for p in plain]  # type: ignore[misc]
+            grads = [g for p in plain if (g := p.grad) is not None]
             if wd:
                 grads = list(torch._foreach_add(grads, plain, alpha=wd))
             sq = torch._foreach_norm(grads)
@@ -393,10 +393,6 @@ def _check(ok: bool, message: str) -> None:
 
 def _gather(views: list[Tensor], params: list[Tensor]) -> None:
     """Copy each parameter's gradient into its view (zero where the gradient is ``None``)."""
-    grads = [p.grad for p in params]
-    if all(g is not None for g in grads):  # not `None in grads`: that compares tensors
-        torch._foreach_copy_(views, grads)  # type: ignore[arg-type]
-        return
     dst, src = [], []
     for v, p in zip(views, params):
         if p.grad is None:

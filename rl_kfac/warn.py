@@ -6,6 +6,7 @@ import contextlib
 import sys
 import warnings
 from pathlib import Path
+from types import FrameType
 
 import torch
 
@@ -15,9 +16,10 @@ _INTERNAL = (str(Path(__file__).parent), str(Path(torch.__file__).parent), conte
 
 def caller_level() -> int:
     """``stacklevel`` that points a warning at the first frame outside rl_kfac and torch."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+        frame, level = frame.f_back, level + 1
     return level
 
 

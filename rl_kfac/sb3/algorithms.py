@@ -12,13 +12,14 @@ import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import obs_as_tensor
@@ -66,7 +67,13 @@ PAPER: dict[str, Any] = {
 }
 
 
-class _KFACTraining:
+if TYPE_CHECKING:  # the mixin is placed before A2C / PPO, whose methods it extends
+    _Algorithm = OnPolicyAlgorithm
+else:
+    _Algorithm = object
+
+
+class _KFACTraining(_Algorithm):
     """What ACKTR and PPOKFAC add to SB3's A2C / PPO (a mixin placed before them).
 
     Every keyword argument has its default in the class's ``defaults`` (SB3's and K-FAC's
@@ -99,14 +106,14 @@ class _KFACTraining:
         args["policy_kwargs"] = self._kfac_policy_kwargs(
             args.pop("policy_kwargs", None), args.pop("vf_fisher_coef"), **kfac
         )
-        super().__init__(policy, env, _init_setup_model=False, **args)  # type: ignore[call-arg]
+        super().__init__(policy, env, _init_setup_model=False, **args)
         self._check_kfac_setup(target_kl, damping_kwargs)
         if _init_setup_model:
-            self._setup_model()  # type: ignore[attr-defined]
+            self._setup_model()
 
     def train(self) -> None:
         with self._kfac_update():
-            super().train()  # type: ignore[misc]
+            super().train()
 
     @staticmethod
     def _kfac_policy_kwargs(
