@@ -22,7 +22,7 @@ HEADER = """\
 # rl_kfac.sb3.{cls} in rl-baselines3-zoo's format (python scripts/zoo.py --algo {algo}).
 # Generated from configs/{algo}/*.yaml by `python scripts/zoo.py --write-hyperparams`; do not edit.
 # Not expressible here: SB3's CnnPolicy uses the Nature CNN (64 filters in the last conv layer,
-# where our agents' configs use the ACKTR paper's 32).
+# where our agents' configs use the ACKTR paper's 32); SB3's AtariWrapper presses FIRE on reset.
 """
 _KL_CONTROLLER = KLDampingController()  # its defaults: only other values are written
 
@@ -103,7 +103,9 @@ def zoo_entry(cfg: Config) -> dict[str, Any]:
     """``cfg`` as one entry of rl-zoo's ``<algo>.yml`` for ``rl_kfac.sb3``'s class."""
     entry: dict[str, Any] = {}
     if is_atari(cfg.env_id):
-        entry["env_wrapper"] = ["stable_baselines3.common.atari_wrappers.AtariWrapper"]
+        # as our agents' env: an episode is a whole game, not one life
+        wrapper = "stable_baselines3.common.atari_wrappers.AtariWrapper"
+        entry["env_wrapper"] = [{wrapper: {"terminal_on_life_loss": False}}]
         entry["env_kwargs"] = {"frameskip": 1}  # AtariWrapper skips frames itself
         entry["frame_stack"] = cfg.frame_stack
     entry.update(

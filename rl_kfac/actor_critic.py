@@ -22,9 +22,11 @@ from rl_kfac.optimizer import KFAC
 
 
 def actor_critic_fisher_loss(policy_loss: Tensor, values: Tensor, vf_fisher_coef: float) -> Tensor:
-    """``policy_loss + vf_fisher_coef · value_fisher_loss(values)`` (no value term at 0)."""
-    if not vf_fisher_coef:
-        return policy_loss
+    """``policy_loss + vf_fisher_coef · value_fisher_loss(values)``.
+
+    At ``vf_fisher_coef = 0`` the value head still gets statistics: its G is 0, so only the
+    damping preconditions it.
+    """
     return policy_loss + vf_fisher_coef * value_fisher_loss(values)
 
 

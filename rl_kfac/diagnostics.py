@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,14 +14,15 @@ class Diagnostics:
     Attributes:
         step_scale: the trust-region factor ν of the last step (``nan``: the step was skipped).
         quadratic: ``Σ_p ⟨v_p, g_p⟩`` of the last step (``v = F̂⁻¹ g``; before lr and ν).
-        damping: λ of the first parameter group in the last step.
+        damping: λ of the first parameter group now (a damping controller may have moved it
+            since the last step: the value the next step will use).
         steps, statistics_updates, inverse_updates, skipped_steps, skipped_statistics,
         eig_failures: counters since the optimizer was made (saved in its ``state_dict``).
     """
 
     step_scale: float = 1.0
     quadratic: float = 0.0
-    damping: float = math.nan
+    damping: float = 0.0
     steps: int = 0
     statistics_updates: int = 0
     inverse_updates: int = 0

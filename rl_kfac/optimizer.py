@@ -146,7 +146,7 @@ class KFAC(Optimizer):
         self._curvature = Curvature(self._factors, communicator)
         self._steps = 0
         self._skipped_steps = 0
-        self._last: tuple[float, float, float] = (1.0, 0.0, math.nan)  # ν, quadratic, damping
+        self._last: tuple[float, float] = (1.0, 0.0)  # ν and quadratic form of the last step
         self._known_blocks = -1  # number of layers found when the layout was last checked
         self._warned: set[str] = set()
 
@@ -233,7 +233,7 @@ class KFAC(Optimizer):
         if not all(math.isfinite(q) for q in quad_values):
             self._skipped_steps += 1
             self._warn_once("step", "non-finite gradient or update: K-FAC step skipped")
-            self._last = (math.nan, math.nan, self.damping)
+            self._last = (math.nan, math.nan)
             return loss
 
         nu = 1.0
@@ -244,7 +244,7 @@ class KFAC(Optimizer):
             nu = min(1.0, math.sqrt(self.kl_clip / weighted)) if weighted > 0 else 1.0
         for group, lay, (params, dirs) in zip(self.param_groups, layout, directions):
             _apply(group, lay, params, dirs, nu, self._param_state)
-        self._last = (nu, sum(quad_values), self.damping)
+        self._last = (nu, sum(quad_values))
         return loss
 
     def _prepare(self) -> list[GroupLayout]:
@@ -319,7 +319,7 @@ class KFAC(Optimizer):
 
     @property
     def counters(self) -> dict[str, int]:
-        """Steps, statistics and inverse updates, and what was skipped or failed."""
+        """Steps, statistics and inverse updates, and what was skipped or failed (a copy)."""
         return {
             "steps": self._steps,
             "statistics_updates": self._factors.updates,
@@ -331,9 +331,9 @@ class KFAC(Optimizer):
 
     @property
     def diagnostics(self) -> Diagnostics:
-        """The last step's ν, quadratic form and damping, and the counters."""
-        nu, quad, damping = self._last
-        return Diagnostics(nu, quad, damping, **self.counters)
+        """The last step's ν and quadratic form, the damping λ now, and the counters."""
+        nu, quad = self._last
+        return Diagnostics(nu, quad, self.damping, **self.counters)
 
     def _warn_once(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)
@@ -358,7 +358,7 @@ class KFAC(Optimizer):
                 if key in state:
                     state[key] = state[key].to(self.factor_dtype)
         if counters is not None:
-            c = {k: int(v) for k, v in counters.items()}
+            c = {k: int(counters.get(k, 0)) for k in self.counters}
             self._steps, self._skipped_steps = c["steps"], c["skipped_steps"]
             self._factors.load_counters(c["statistics_updates"], c["skipped_statistics"])
             self._curvature.load_counters(c["inverse_updates"], c["eig_failures"])
@@ -366,6 +366,7 @@ class KFAC(Optimizer):
         self._curvature.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
+        self._factors.finish()  # before torch copies ``state``: it must hold the folded factors
         state = super().__getstate__()
         state.update({k: v for k, v in self.__dict__.items() if k not in state})
         return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -11,7 +12,11 @@ from types import FrameType
 import torch
 
 # frames a warning should not point at: this package, torch (its no_grad wrappers), contextlib
-_INTERNAL = (str(Path(__file__).parent), str(Path(torch.__file__).parent), contextlib.__file__)
+_INTERNAL = (
+    str(Path(__file__).parent) + os.sep,
+    str(Path(torch.__file__).parent) + os.sep,
+    contextlib.__file__,
+)
 
 
 def caller_level() -> int:

@@ -137,7 +137,8 @@ def run_sb3(algo: str, env: str, seed: int, timesteps: int, zoo: dict[str, Any])
         kwargs["policy_kwargs"] = eval(kwargs["policy_kwargs"], {"nn": torch.nn})
 
     class Episodes(BaseCallback):
-        """Finished episodes, and the time spent in SB3's update (rollout end to next start)."""
+        """Finished episodes, and the time spent in SB3's update with its logging (from the end
+        of one rollout to the start of the next)."""
 
         def __init__(self) -> None:
             super().__init__()

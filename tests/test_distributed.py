@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -161,6 +162,46 @@ def test_a_failed_rank_stops_the_others_with_a_clear_error(tmp_path, mode):
     assert "rank 0/2: all_reduce failed; another rank probably exited" in message
     if mode == "stall":  # rank 0 failed at its timeout, while rank 1 was still stalled
         assert (tmp_path / "rank1.txt").read_text() == "True"
+
+
+class _InFlight:
+    def __init__(self, tensors):
+        self.tensors = [t.clone() for t in tensors]
+
+    def wait(self):
+        return self.tensors
+
+
+class MirrorCommunicator:
+    """Rank 0 of two identical ranks: averages are the inputs, returned only by ``wait()``."""
+
+    rank, world_size, device = 0, 2, torch.device("cpu")
+
+    def average_async(self, tensors):
+        return _InFlight(tensors)
+
+    def broadcast(self, tensors, src):
+        assert src == self.rank, "a mirror has no other rank to receive from"
+
+
+def test_a_copy_holds_the_statistics_of_an_average_in_flight():
+    """deepcopy/pickle fold in the factors whose cross-rank average is still pending."""
+    comm: Communicator = MirrorCommunicator()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = KFAC(model, communicator=comm)
+    x = torch.randn(16, 3)
+    with opt.record_statistics():
+        F.cross_entropy(model(x), torch.randint(0, 2, (16,))).backward()
+    copy = pickle.loads(pickle.dumps(opt))
+    first = model[0].weight
+    a = torch.cat([x, torch.ones(16, 1)], 1)
+    torch.testing.assert_close(opt.state[first]["A"], a.T @ a / 16)
+    (copied,) = [
+        s for s in copy.state.values() if s.get("A") is not None and s["A"].shape == (4, 4)
+    ]
+    torch.testing.assert_close(copied["A"], opt.state[first]["A"], rtol=0, atol=0)
+    assert copy.counters["statistics_updates"] == opt.counters["statistics_updates"] == 1
 
 
 def test_assignment_balances_factor_sizes():

@@ -37,7 +37,7 @@ _POLICIES: dict[str, type[BasePolicy]] = {
 _KL_CHUNK = 4096  # states per no-grad forward when measuring the update's KL
 
 
-# K-FAC's arguments (to rl_kfac.KFAC) and the K-FAC policy's and damping controller's
+# The arguments that go to rl_kfac.KFAC (the policy's optimizer)
 KFAC_ARGS = (
     "kl_clip",
     "damping",
@@ -94,6 +94,7 @@ class _KFACTraining(_Algorithm):
         self,
         policy: str | type[KFACActorCriticPolicy],
         env: GymEnv | str,
+        *,
         _init_setup_model: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -114,6 +115,14 @@ class _KFACTraining(_Algorithm):
     def train(self) -> None:
         with self._kfac_update():
             super().train()
+
+    def __repr__(self) -> str:
+        policy = getattr(self, "policy", None)
+        optimizer = getattr(policy, "optimizer", None)
+        return (
+            f"{type(self).__name__}(n_envs={self.n_envs}, n_steps={self.n_steps}, "
+            f"num_timesteps={self.num_timesteps}, optimizer={optimizer})"
+        )
 
     @staticmethod
     def _kfac_policy_kwargs(

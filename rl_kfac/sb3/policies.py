@@ -121,8 +121,9 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
             latent_vf = self.mlp_extractor.forward_critic(vf_features)
         distribution = self._distribution(self.action_net(latent_pi))
         values = self.value_net(latent_vf)
-        fisher = functools.partial(policy_fisher_loss, distribution)
-        record_fisher(self.optimizer, fisher, values, self.vf_fisher_coef)
+        if torch.is_grad_enabled():  # SB3's training forward (not an evaluation under no_grad)
+            fisher = functools.partial(policy_fisher_loss, distribution)
+            record_fisher(self.optimizer, fisher, values, self.vf_fisher_coef)
         return values, distribution.log_prob(actions), distribution.entropy()
 
     def _distribution(self, action_net_output: Tensor) -> Distribution:
