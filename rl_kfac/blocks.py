@@ -15,7 +15,9 @@ Approximate Curvature for Modern Neural Network Architectures":
 - expand: every shared position is one more row of ``a`` and ``g`` (``rows = N·R``);
 - reduce: ``a`` is averaged and ``g`` summed over the shared positions (``rows = N``).
 
-A block only turns tensors into rows; the optimizer owns the running averages.
+A block only turns tensors into rows; the optimizer owns the running averages. With
+``statistics_rows`` set, :mod:`rl_kfac.statistics` asks a block for a uniform random subset of its
+rows only (:meth:`Block.rows_at`), so the unused rows (im2col patches) are never materialised.
 """
 
 from __future__ import annotations
@@ -63,6 +65,18 @@ class Block:
         """Rows ``Y`` of output gradients and a scale ``s`` such that ``G = s YᵀY``."""
         raise NotImplementedError
 
+    def row_count(self, g: Tensor) -> int:
+        """Number of rows of ``X`` and ``Y`` for output gradients ``g``."""
+        raise NotImplementedError
+
+    def grad_scale(self, g: Tensor) -> float:
+        """The scale ``s`` of :meth:`grad_rows` (the Fisher loss's batch size ``N``)."""
+        return float(g.shape[0] if g.dim() > 1 else 1)
+
+    def rows_at(self, a: Tensor, g: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows ``index`` of ``X`` and of ``Y`` (the same rows: position ``i`` of both)."""
+        raise NotImplementedError
+
     def _with_bias(self, x: Tensor) -> Tensor:
         return F.pad(x, (0, 1), value=1.0) if self.bias is not None else x
 
@@ -78,8 +92,14 @@ class LinearBlock(Block):
         return x, 1.0 / x.shape[0]
 
     def grad_rows(self, g: Tensor) -> tuple[Tensor, float]:
-        n = g.shape[0] if g.dim() > 1 else 1
-        return g.reshape(-1, self.dim_g), float(n)
+        return g.reshape(-1, self.dim_g), self.grad_scale(g)
+
+    def row_count(self, g: Tensor) -> int:
+        return g.numel() // self.dim_g
+
+    def rows_at(self, a: Tensor, g: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        x = self._with_bias(a.reshape(-1, self.dim_in)[index])
+        return x, g.reshape(-1, self.dim_g)[index]
 
 
 class Conv2dBlock(Block):
@@ -117,13 +137,38 @@ class Conv2dBlock(Block):
         x = patches.permute(0, 2, 3, 1, 5, 4).reshape(n * r, self.dim_in)
         return self._with_bias(x), 1.0 / (n * r)
 
+    def _windows(self, a: Tensor) -> Tensor:
+        """The patch of every output position, as a view: ``(N, Ho, Wo, C, kh, kw)``."""
+        a = self._padded(a)
+        (kh, kw), (dh, dw), (sh, sw) = self.conv.kernel_size, self.conv.dilation, self.conv.stride
+        cols = a.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]
+        patches = cols.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]
+        return patches.permute(0, 2, 3, 1, 5, 4)
+
     def grad_rows(self, g: Tensor) -> tuple[Tensor, float]:
-        if g.dim() == 3:
-            g = g.unsqueeze(0)
-        n = g.shape[0]
+        g = _batched(g)
         if self.approx == "expand":
-            return g.permute(0, 2, 3, 1).reshape(-1, self.dim_g), float(n)
-        return g.sum(dim=(2, 3)), float(n)
+            return g.permute(0, 2, 3, 1).reshape(-1, self.dim_g), self.grad_scale(g)
+        return g.sum(dim=(2, 3)), self.grad_scale(g)
+
+    def row_count(self, g: Tensor) -> int:
+        g = _batched(g)
+        return g.shape[0] * (g.shape[2] * g.shape[3] if self.approx == "expand" else 1)
+
+    def rows_at(self, a: Tensor, g: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        g = _batched(g)
+        if self.approx == "reduce":  # rows are samples
+            return self.input_rows(_batched(a)[index])[0], g[index].sum(dim=(2, 3))
+        ho, wo = g.shape[2], g.shape[3]
+        n, pos = index // (ho * wo), index % (ho * wo)
+        r, c = pos // wo, pos % wo
+        x = self._windows(a)[n, r, c].reshape(len(index), self.dim_in)
+        return self._with_bias(x), g.permute(0, 2, 3, 1)[n, r, c]
+
+
+def _batched(t: Tensor) -> Tensor:
+    """A conv input or output gradient with its batch dim (an unbatched call has none)."""
+    return t.unsqueeze(0) if t.dim() == 3 else t
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:

@@ -68,6 +68,11 @@ class KFAC(Optimizer):
             from every backward pass taken while statistics are due, i.e. from the training
             loss's own gradients (the *empirical* Fisher, Kunstner et al. 2019), for training
             loops you do not control, such as Stable-Baselines3's.
+        statistics_rows: estimate each layer's A and G from at most this many rows per call,
+            drawn uniformly at random (unbiased; Grosse & Martens 2016 subsample conv positions
+            the same way). Rows are batch samples, and for conv ``expand`` also positions, so a
+            Nature CNN's first layer at batch 640 has 256,000; only the drawn patches are built.
+            ``None`` (default): every row, exactly.
         communicator: a :class:`rl_kfac.distributed.Communicator` for data-parallel training:
             factors are averaged across ranks and eigendecompositions shared out (gradients are
             the caller's: :func:`rl_kfac.distributed.allreduce_gradients`). ``None``: one process.
@@ -96,6 +101,7 @@ class KFAC(Optimizer):
         factor_dtype: torch.dtype = torch.float32,
         statistics: Statistics = "explicit",
         communicator: Communicator | None = None,
+        statistics_rows: int | None = None,
     ) -> None:
         _check(lr > 0, f"lr must be > 0, got {lr}")
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
@@ -115,6 +121,10 @@ class KFAC(Optimizer):
         _check(factor_dtype.is_floating_point, f"factor_dtype must be floating, got {factor_dtype}")
         _check(
             statistics in STATISTICS, f"statistics must be one of {STATISTICS}, got {statistics!r}"
+        )
+        _check(
+            statistics_rows is None or (isinstance(statistics_rows, int) and statistics_rows >= 1),
+            f"statistics_rows must be an int >= 1 or None, got {statistics_rows}",
         )
 
         model = model_or_params if isinstance(model_or_params, nn.Module) else None
@@ -142,7 +152,10 @@ class KFAC(Optimizer):
             self._capture.add_model(model)
         else:
             self._capture.start_discovery(p for g in self.param_groups for p in g["params"])
-        self._factors = FactorStore(self._param_state, stat_decay, factor_dtype, communicator)
+        self.statistics_rows = statistics_rows
+        self._factors = FactorStore(
+            self._param_state, stat_decay, factor_dtype, communicator, statistics_rows
+        )
         self._curvature = Curvature(self._factors, communicator)
         self._steps = 0
         self._skipped_steps = 0
@@ -383,7 +396,7 @@ class KFAC(Optimizer):
             f"inverse_update_interval={self.inverse_update_interval}, "
             f"damping_mode={self.damping_mode!r}, conv_approx={self.conv_approx!r}, "
             f"factor_dtype={self.factor_dtype}, statistics={self.statistics!r}, "
-            f"blocks={len(self.blocks)})"
+            f"statistics_rows={self.statistics_rows}, blocks={len(self.blocks)})"
         )
 
 

@@ -35,13 +35,19 @@ if TYPE_CHECKING:  # the math runs without torch.distributed; only a communicato
 StateOf = Callable[[Tensor], dict[str, Any]]  # a parameter's optimizer state
 
 
-def batch_factors(records: list[Record], dtype: torch.dtype) -> dict[Block, tuple[Tensor, Tensor]]:
-    """``(A_t, G_t)`` per block of one statistics update (calls of one layer averaged)."""
+def batch_factors(
+    records: list[Record], dtype: torch.dtype, max_rows: int | None = None
+) -> dict[Block, tuple[Tensor, Tensor]]:
+    """``(A_t, G_t)`` per block of one statistics update (calls of one layer averaged).
+
+    With ``max_rows``, a layer call with more rows than that uses ``max_rows`` of them, drawn
+    uniformly without replacement (the same rows for A and G), scaled to unbiased estimates:
+    ``A_t ≈ (1/m) Σ_sampled x xᵀ``, ``G_t ≈ s (R/m) Σ_sampled y yᵀ`` for ``R`` rows.
+    """
     calls = Counter(r.block for r in records)
     batch: dict[Block, tuple[Tensor, Tensor]] = {}
     for block, inputs, grad_output in records:
-        x, sx = block.input_rows(inputs.to(dtype))
-        y, sy = block.grad_rows(grad_output.to(dtype))
+        x, sx, y, sy = _rows(block, inputs.to(dtype), grad_output.to(dtype), max_rows)
         w, beta = 1.0 / calls[block], 1.0
         if block not in batch:
             a = x.new_empty(block.dim_a, block.dim_a)
@@ -53,6 +59,20 @@ def batch_factors(records: list[Record], dtype: torch.dtype) -> dict[Block, tupl
     return batch
 
 
+def _rows(
+    block: Block, a: Tensor, g: Tensor, max_rows: int | None
+) -> tuple[Tensor, float, Tensor, float]:
+    """``X, s_x, Y, s_y`` of one layer call: all rows, or a uniform sample of ``max_rows``."""
+    total = block.row_count(g)
+    if max_rows is None or total <= max_rows:
+        x, sx = block.input_rows(a)
+        y, sy = block.grad_rows(g)
+        return x, sx, y, sy
+    index = torch.randperm(total, device=g.device)[:max_rows]
+    x, y = block.rows_at(a, g, index)
+    return x, 1.0 / max_rows, y, block.grad_scale(g) * total / max_rows
+
+
 class FactorStore:
     """The running factors A and G of every block that has had statistics.
 
@@ -62,6 +82,8 @@ class FactorStore:
         stat_decay: β of the running average.
         dtype: dtype the factors are accumulated in.
         communicator: averages batch factors across ranks (``None``: one process).
+        max_rows: estimate each layer call's factors from at most this many rows
+            (:func:`batch_factors`); ``None``: all rows.
     """
 
     def __init__(
@@ -70,8 +92,10 @@ class FactorStore:
         stat_decay: float,
         dtype: torch.dtype,
         communicator: Communicator | None = None,
+        max_rows: int | None = None,
     ) -> None:
         self.state_of = state_of
+        self.max_rows = max_rows
         self.stat_decay = stat_decay
         self.dtype = dtype
         self._comm = communicator if communicator and communicator.world_size > 1 else None
@@ -86,7 +110,7 @@ class FactorStore:
         """Fold one statistics update into the running factors (or start averaging it)."""
         if not records:
             return
-        batch = batch_factors(records, self.dtype)
+        batch = batch_factors(records, self.dtype, self.max_rows)
         self.finish()  # at most one update in flight
         blocks = list(batch)
         factors = [f for b in blocks for f in batch[b]]

@@ -5,7 +5,10 @@ RMSprop update: forward + loss backward + RMSprop.step
 Inverse (eigen) updates every 10 steps are amortised: each sample is the mean of a block of 10
 updates, and the median over blocks is reported.
 
-    python scripts/bench_optimizer.py [--device auto] [--blocks 7] [--only mlp|cnn]
+    python scripts/bench_optimizer.py [--device auto] [--blocks 7] [--only cnn-320,mlp-2048]
+        [--statistics-rows M] [--factor-update-interval T]
+
+Each row also prints the multiply-adds of the variant's factor statistics per update.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import functools
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rl_kfac import KFAC, ConvApprox
+from rl_kfac import KFAC
 
 
 def mlp_policy(obs_dim: int = 8, n_actions: int = 4) -> nn.Module:
@@ -134,49 +138,109 @@ def make_batch(kind: str, n: int, device: torch.device) -> dict[str, Tensor]:
     }
 
 
+def statistics_gmac(model: nn.Module, opt: KFAC, batch: dict[str, Tensor], interval: int) -> float:
+    """Multiply-adds of the factor products ``XᵀX`` and ``YᵀY`` per update, in G.
+
+    Rows per layer from one probe forward: the batch, times the output positions for conv
+    ``expand``; at most ``statistics_rows`` of them. Divided by the statistics interval.
+    """
+    shapes: dict[nn.Module, torch.Size] = {}
+    hooks = [
+        b.module.register_forward_hook(lambda m, args, out: shapes.__setitem__(m, out.shape))
+        for b in opt.blocks
+    ]
+    with torch.no_grad():
+        model(batch["obs"])
+    for h in hooks:
+        h.remove()
+    total = 0.0
+    for block in opt.blocks:
+        shape = shapes[block.module]
+        rows = shape[0]
+        if isinstance(block.module, nn.Conv2d) and opt.conv_approx == "expand":
+            rows *= shape[2] * shape[3]
+        if opt.statistics_rows is not None:
+            rows = min(rows, opt.statistics_rows)
+        total += rows * (block.dim_a**2 + block.dim_g**2)
+    return total / interval / 1e9
+
+
+CASES: dict[str, tuple[str, Callable[[], nn.Module], int]] = {
+    "mlp-320": ("MLP 64-64 tanh, batch 16x20", mlp_policy, 320),
+    "mlp-2048": ("MLP 64-64 tanh, batch 8x256", mlp_policy, 2048),
+    "cnn-320": ("Nature CNN, batch 16x20", nature_cnn_policy, 320),
+    "cnn-640": ("Nature CNN, batch 32x20", nature_cnn_policy, 640),
+}
+
+
+def variants(key: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """K-FAC settings to time: exact full statistics, and each cheaper option asked for."""
+    out: dict[str, dict[str, Any]] = {"exact": {}}
+    if key.startswith("cnn"):
+        out["conv reduce"] = {"conv_approx": "reduce"}
+    if args.statistics_rows:
+        out[f"rows {args.statistics_rows}"] = {"statistics_rows": args.statistics_rows}
+    if args.factor_update_interval > 1:
+        t = args.factor_update_interval
+        out[f"stats every {t}"] = {"factor_update_interval": t}
+        if args.statistics_rows:
+            out[f"rows {args.statistics_rows}, every {t}"] = {
+                "statistics_rows": args.statistics_rows,
+                "factor_update_interval": t,
+            }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--blocks", type=int, default=7, help="timed blocks of 10 updates")
-    parser.add_argument("--only", choices=["mlp", "cnn"])
+    parser.add_argument(
+        "--only", default=",".join(CASES), help=f"comma-separated cases of {', '.join(CASES)}"
+    )
     parser.add_argument(
         "--factor-update-interval",
         type=int,
         default=0,
         help="also time K-FAC with statistics only every T steps",
     )
+    parser.add_argument(
+        "--statistics-rows", type=int, default=0, help="also time statistics from M sampled rows"
+    )
     args = parser.parse_args()
+    unknown = sorted(set(args.only.split(",")) - set(CASES))
+    if unknown:
+        parser.error(f"unknown --only {unknown}; choose from {', '.join(CASES)}")
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    intervals = [1] + ([args.factor_update_interval] if args.factor_update_interval > 1 else [])
-    cases: list[tuple[str, str, Callable[[], nn.Module], int, list[ConvApprox]]] = [
-        ("mlp", "MLP 64-64 tanh, batch 320", mlp_policy, 320, ["expand"]),
-        ("cnn", "Nature CNN 84x84x4, batch 640", nature_cnn_policy, 640, ["expand", "reduce"]),
-    ]
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'network':32s} {'RMSprop ms':>10s} {'K-FAC ms':>10s} {'ratio':>6s}  K-FAC variant")
-    for key, title, build, n, approxes in cases:
-        if args.only and args.only != key:
-            continue
+    print(
+        f"{'network':28s} {'RMSprop ms':>10s} {'K-FAC ms':>9s} {'ratio':>6s} "
+        f"{'stats GMAC':>10s}  K-FAC variant"
+    )
+    for key in args.only.split(","):
+        title, build, n = CASES[key]
         torch.manual_seed(0)
-        batch = make_batch(key, n, device)
+        batch = make_batch(key.split("-")[0], n, device)
         updates: dict[str, Callable[[], None]] = {}
         model = build().to(device)
         rms = torch.optim.RMSprop(model.parameters(), lr=7e-4, alpha=0.99, eps=1e-5)
         updates["rmsprop"] = functools.partial(rmsprop_update, model, rms, batch)
-        for approx in approxes:
-            for interval in intervals:
-                kmodel = build().to(device)
-                opt = KFAC(kmodel, conv_approx=approx, factor_update_interval=interval)
-                label = f"stats every {interval}" + (f", conv {approx}" if key == "cnn" else "")
-                updates[label] = functools.partial(kfac_update, kmodel, opt, batch)
+        gmac: dict[str, float] = {}
+        for label, kwargs in variants(key, args).items():
+            kmodel = build().to(device)
+            opt = KFAC(kmodel, **kwargs)
+            updates[label] = functools.partial(kfac_update, kmodel, opt, batch)
+            gmac[label] = statistics_gmac(kmodel, opt, batch, opt.factor_update_interval)
         ms = time_interleaved(updates, args.blocks, sync)
         base = ms.pop("rmsprop")
         for label, value in ms.items():
             print(
-                f"{title:32s} {base:10.2f} {value:10.2f} {value / base:6.2f}  {label}", flush=True
+                f"{title:28s} {base:10.2f} {value:9.2f} {value / base:6.2f} "
+                f"{gmac[label]:10.3f}  {label}",
+                flush=True,
             )
 
 
