@@ -15,7 +15,9 @@ per-call overhead (``plan_buckets``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -152,6 +154,12 @@ class GroupLayout:
         return f"GroupLayout(buckets={self.buckets}, plain={len(self.plain)})"
 
 
+InverseMode = Literal["sync", "background"]
+INVERSE_MODES: tuple[InverseMode, ...] = ("sync", "background")
+Eigen = tuple[Tensor, Tensor]
+Decomposed = tuple[list[Block], list["Eigen | None"], list[Tensor]]  # blocks, A/G eigs, π
+
+
 class Curvature:
     """Eigenbases of every block's running factors, and the layout that preconditions with them.
 
@@ -159,19 +167,55 @@ class Curvature:
         factors: the running factors it decomposes; the eigenbases go in the same optimizer
             state (keys ``eA, QA, eG, QG, pi``), in the factors' dtype.
         communicator: shares the decompositions out across ranks (``None``: one process).
+        mode: ``"sync"`` — due decompositions run at once, in the step that is due;
+            ``"background"`` — they start from a copy of that step's factors in a worker thread
+            (a side stream on CUDA) while training goes on, and are swapped in at the start of
+            the next step (which waits for them if they are not done): the eigenbases lag the
+            factors by one step, deterministically, as in the ACKTR code's asynchronous mode
+            but reproducible. A layer's first decomposition always runs at once.
     """
 
-    def __init__(self, factors: FactorStore, communicator: Communicator | None = None) -> None:
+    def __init__(
+        self,
+        factors: FactorStore,
+        communicator: Communicator | None = None,
+        mode: InverseMode = "sync",
+    ) -> None:
         self._factors = factors
         self._state_of = factors.state_of
         self.dtype = factors.dtype
         self._comm = communicator if communicator and communicator.world_size > 1 else None
+        if mode == "background" and self._comm is not None:
+            raise ValueError("inverse_mode='background' runs in one process (no communicator)")
+        self.mode: InverseMode = mode
         self._layout: list[GroupLayout] | None = None
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: Future[Decomposed] | None = None
         self.updates = 0  # rounds of eigendecompositions
         self.failures = 0  # blocks whose decomposition failed (their last basis kept)
 
-    def decompose(self, blocks: list[Block]) -> list[str]:
-        """Eigendecompose the factors of ``blocks`` that have some; returns the failed blocks."""
+    def refresh(self, blocks: list[Block], due: bool) -> list[str]:
+        """Swap in finished background results; decompose now when a layer is new (or ``due``
+        in sync mode), or start in the background when ``due``. Returns the failed layers."""
+        failed = self.finish()
+        if self._factors.new_blocks or (due and self.mode == "sync"):
+            failed += self._apply(*self._decompose_now(blocks))
+        elif due:
+            self._start(blocks)
+        return failed
+
+    def finish(self) -> list[str]:
+        """Swap in the background decomposition in flight, if any; returns its failed layers."""
+        if self._pending is None:
+            return []
+        pending, self._pending = self._pending, None
+        blocks, results, pis = pending.result()
+        for t in [*pis, *(t for r in results if r is not None for t in r)]:
+            if t.is_cuda:  # made on the worker's stream, used from now on on this one
+                t.record_stream(torch.cuda.current_stream(t.device))
+        return self._apply(blocks, results, pis, relayout=False)
+
+    def _decompose_now(self, blocks: list[Block]) -> Decomposed:
         blocks = [b for b in blocks if self._factors.has(b)]
         factors = [f for b in blocks for f in self._factors.factors(b)]
         if self._comm is None:
@@ -180,6 +224,26 @@ class Curvature:
             from rl_kfac.distributed import shared_eigendecompositions
 
             results = shared_eigendecompositions(self._comm, factors, symmetric_eig)
+        return blocks, results, [pi_factor(*self._factors.factors(b)) for b in blocks]
+
+    def _start(self, blocks: list[Block]) -> None:
+        blocks = [b for b in blocks if self._factors.has(b)]
+        snapshot = [f.clone() for b in blocks for f in self._factors.factors(b)]
+        stream = None
+        if snapshot and snapshot[0].is_cuda:  # the worker's stream must see the copies
+            stream = torch.cuda.Stream(snapshot[0].device)
+            stream.wait_stream(torch.cuda.current_stream(snapshot[0].device))
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="kfac-eigen")
+        self._pending = self._worker.submit(_decompose_copies, blocks, snapshot, stream)
+
+    def _apply(
+        self,
+        blocks: list[Block],
+        results: list[Eigen | None],
+        pis: list[Tensor],
+        relayout: bool = True,
+    ) -> list[str]:
         failed = []
         for i, block in enumerate(blocks):
             state = self._state_of(block.weight)
@@ -189,9 +253,9 @@ class Curvature:
                 failed.append(block.name)
                 continue
             (state["eA"], state["QA"]), (state["eG"], state["QG"]) = eig_a, eig_g
-            state["pi"] = pi_factor(*self._factors.factors(block))
+            state["pi"] = pis[i]
         self.updates += 1
-        if self._factors.take_new_blocks():  # a layer got its first factors: the buckets change
+        if relayout and self._factors.take_new_blocks():  # a layer got its first factors
             self._layout = None
         elif self._layout is not None:
             for lay in self._layout:
@@ -244,9 +308,27 @@ class Curvature:
         self.updates, self.failures = updates, failures
 
     def __getstate__(self) -> dict[str, Any]:
+        if self._pending is not None:
+            raise RuntimeError("finish() the background decomposition before copying")
         state = self.__dict__.copy()
         state["_layout"] = None  # buffers that view parameters: rebuilt on the next step
+        state["_worker"] = None
         return state
 
     def __repr__(self) -> str:
-        return f"Curvature(dtype={self.dtype}, updates={self.updates}, failures={self.failures})"
+        return (
+            f"Curvature(mode={self.mode!r}, dtype={self.dtype}, updates={self.updates}, "
+            f"failures={self.failures})"
+        )
+
+
+def _decompose_copies(
+    blocks: list[Block], factors: list[Tensor], stream: torch.cuda.Stream | None
+) -> Decomposed:
+    """The background job: eigendecompositions and π of copied factors (A, G per block)."""
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        results = [symmetric_eig(f) for f in factors]
+        pis = [pi_factor(a, g) for a, g in zip(factors[::2], factors[1::2])]
+    if stream is not None:  # done on the device before the step that swaps them in
+        stream.synchronize()
+    return blocks, results, pis

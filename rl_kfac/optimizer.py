@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from rl_kfac.blocks import Block, ConvApprox
 from rl_kfac.capture import StatisticsCapture
-from rl_kfac.curvature import Curvature, GroupLayout
+from rl_kfac.curvature import INVERSE_MODES, Curvature, GroupLayout, InverseMode
 from rl_kfac.damping import DAMPING_MODES, DampingMode
 from rl_kfac.diagnostics import Diagnostics
 from rl_kfac.statistics import FactorStore
@@ -73,6 +73,10 @@ class KFAC(Optimizer):
             the same way). Rows are batch samples, and for conv ``expand`` also positions, so a
             Nature CNN's first layer at batch 640 has 256,000; only the drawn patches are built.
             ``None`` (default): every row, exactly.
+        inverse_mode: ``"sync"`` (default) — due eigendecompositions run inside ``step()``;
+            ``"background"`` — they run in a worker thread (side stream on CUDA) from a copy of
+            the factors and are swapped in at the next step, so the eigenbases lag by one step
+            (deterministic; see :class:`rl_kfac.curvature.Curvature`). One process only.
         communicator: a :class:`rl_kfac.distributed.Communicator` for data-parallel training:
             factors are averaged across ranks and eigendecompositions shared out (gradients are
             the caller's: :func:`rl_kfac.distributed.allreduce_gradients`). ``None``: one process.
@@ -102,6 +106,7 @@ class KFAC(Optimizer):
         statistics: Statistics = "explicit",
         communicator: Communicator | None = None,
         statistics_rows: int | None = None,
+        inverse_mode: InverseMode = "sync",
     ) -> None:
         _check(lr > 0, f"lr must be > 0, got {lr}")
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
@@ -122,6 +127,7 @@ class KFAC(Optimizer):
         _check(
             statistics in STATISTICS, f"statistics must be one of {STATISTICS}, got {statistics!r}"
         )
+        _check(inverse_mode in INVERSE_MODES, f"inverse_mode must be one of {INVERSE_MODES}")
         _check(
             statistics_rows is None or (isinstance(statistics_rows, int) and statistics_rows >= 1),
             f"statistics_rows must be an int >= 1 or None, got {statistics_rows}",
@@ -156,7 +162,8 @@ class KFAC(Optimizer):
         self._factors = FactorStore(
             self._param_state, stat_decay, factor_dtype, communicator, statistics_rows
         )
-        self._curvature = Curvature(self._factors, communicator)
+        self.inverse_mode: InverseMode = inverse_mode
+        self._curvature = Curvature(self._factors, communicator, inverse_mode)
         self._steps = 0
         self._skipped_steps = 0
         self._last: tuple[float, float] = (1.0, 0.0)  # ν and quadratic form of the last step
@@ -266,11 +273,9 @@ class KFAC(Optimizer):
             self._factors.add(self._capture.take_records())
         self._factors.finish()
         self._check_setup()
-        if self._factors.new_blocks or self._steps % self.inverse_update_interval == 0:
-            for name in self._curvature.decompose(self.blocks):
-                self._warn_once(
-                    f"eig {name}", f"eigendecomposition failed for {name}; kept last basis"
-                )
+        due = self._steps % self.inverse_update_interval == 0
+        for name in self._curvature.refresh(self.blocks, due):
+            self._warn_once(f"eig {name}", f"eigendecomposition failed for {name}; kept last basis")
         return self._curvature.layout(self.param_groups, self.blocks)
 
     def _precondition(
@@ -351,18 +356,26 @@ class KFAC(Optimizer):
     def _warn_once(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)
 
+    def _finish_pending(self) -> None:
+        """Fold in the cross-rank average and swap in the background eigendecomposition in
+        flight: at the next step they would be, and nothing happens in between."""
+        self._factors.finish()
+        for name in self._curvature.finish():
+            self._warn_once(f"eig {name}", f"eigendecomposition failed for {name}; kept last basis")
+
     def remove_hooks(self) -> None:
         """Detach all hooks from the model (the optimizer then only takes plain-gradient steps)."""
         self._capture.remove()
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        self._factors.finish()
+        self._finish_pending()
         sd = super().state_dict()
         sd["kfac"] = {k: torch.tensor(v) for k, v in self.counters.items()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._finish_pending()  # nothing in flight may land on the loaded state
         state_dict = dict(state_dict)
         counters = state_dict.pop("kfac", None)
         super().load_state_dict(state_dict)
@@ -379,7 +392,7 @@ class KFAC(Optimizer):
         self._curvature.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
-        self._factors.finish()  # before torch copies ``state``: it must hold the folded factors
+        self._finish_pending()  # before torch copies ``state``: it must hold the results
         state = super().__getstate__()
         state.update({k: v for k, v in self.__dict__.items() if k not in state})
         return state
@@ -396,7 +409,8 @@ class KFAC(Optimizer):
             f"inverse_update_interval={self.inverse_update_interval}, "
             f"damping_mode={self.damping_mode!r}, conv_approx={self.conv_approx!r}, "
             f"factor_dtype={self.factor_dtype}, statistics={self.statistics!r}, "
-            f"statistics_rows={self.statistics_rows}, blocks={len(self.blocks)})"
+            f"statistics_rows={self.statistics_rows}, inverse_mode={self.inverse_mode!r}, "
+            f"blocks={len(self.blocks)})"
         )
 
 

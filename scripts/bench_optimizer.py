@@ -6,7 +6,7 @@ Inverse (eigen) updates every 10 steps are amortised: each sample is the mean of
 updates, and the median over blocks is reported.
 
     python scripts/bench_optimizer.py [--device auto] [--blocks 7] [--only cnn-320,mlp-2048]
-        [--statistics-rows M] [--factor-update-interval T]
+        [--statistics-rows M] [--factor-update-interval T] [--background]
 
 Each row also prints the multiply-adds of the variant's factor statistics per update.
 """
@@ -188,6 +188,9 @@ def variants(key: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 "statistics_rows": args.statistics_rows,
                 "factor_update_interval": t,
             }
+    if args.background:  # each variant so far, with its eigendecompositions in the background
+        for label, kwargs in list(out.items()):
+            out[f"{label}, background"] = {**kwargs, "inverse_mode": "background"}
     return out
 
 
@@ -206,6 +209,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--statistics-rows", type=int, default=0, help="also time statistics from M sampled rows"
+    )
+    parser.add_argument(
+        "--background", action="store_true", help="also time inverse_mode='background'"
     )
     args = parser.parse_args()
     unknown = sorted(set(args.only.split(",")) - set(CASES))
