@@ -32,6 +32,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--total-timesteps", type=int)
+    parser.add_argument("--threads", type=int, help="torch threads (default: auto)")
     parser.add_argument(
         "--log-dir", help="run directory (default runs/<env>_<algo>_s<seed>_<time>)"
     )
@@ -43,6 +44,7 @@ def train_main(argv: list[str] | None = None) -> int:
         ("seed", args.seed),
         ("device", args.device),
         ("total_timesteps", args.total_timesteps),
+        ("threads", args.threads),
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -69,6 +71,8 @@ def train_main(argv: list[str] | None = None) -> int:
     main = trainer.rank == 0
     if main:
         print(f"run directory: {trainer.run_dir}  (tensorboard --logdir {trainer.run_dir.parent})")
+        how = "auto" if trainer.cfg.threads is None else "set"
+        print(f"torch threads: {trainer.threads} ({how}; --threads N to choose)")
     try:
         result = trainer.train()
     except KeyboardInterrupt:
@@ -95,7 +99,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
-    from agents.envs import make_vec_env
+    from agents.envs import finished_episodes, make_vec_env
     from agents.networks import ActorCritic
     from agents.normalize import Normalizer
     from agents.trainer import resolve_device
@@ -109,7 +113,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    envs = make_vec_env(cfg.env_id, 1, "sync", cfg.frame_stack)
+    envs = make_vec_env(cfg.env_id, 1, cfg.vec_env, cfg.frame_stack)
     obs_space = envs.single_observation_space
     assert obs_space.shape is not None
     policy = ActorCritic(obs_space, envs.single_action_space, cfg.policy_spec()).to(device)
@@ -128,9 +132,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         if isinstance(space, gym.spaces.Box):
             action = np.clip(action, space.low, space.high)
         obs, _, _, _, info = envs.step(action)
-        final = info.get("final_info")
-        if final and "episode" in final:
-            returns += [float(r) for r in final["episode"]["r"][final["_episode"]]]
+        returns += [r for r, _ in finished_episodes(info)]
     envs.close()
     print(
         f"{cfg.env_id}: mean return {np.mean(returns):.2f} ± {np.std(returns):.2f} "

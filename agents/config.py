@@ -23,7 +23,7 @@ from agents.networks import Activation, Arch, PolicySpec
 from rl_kfac import ConvApprox, DampingMode
 
 Algo = Literal["acktr", "ppo_kfac"]
-VecEnvKind = Literal["sync", "async"]
+VecEnvKind = Literal["auto", "sync", "async", "native"]  # auto: native for ALE ids, else sync
 LRSchedule = Literal["linear", "constant"]  # linear: to 0 at total_timesteps
 DampingAdaptation = Literal["none", "kl", "lm"]  # kl: toward damping_target_kl; lm: Martens 2010
 
@@ -37,7 +37,8 @@ class Config:
     total_timesteps: int = 100_000
     seed: int = 0  # torch, numpy, python and the environments
     device: str = "auto"  # auto: CUDA when available; cpu, cuda, cuda:N
-    vec_env: VecEnvKind = "sync"  # async: one process per environment
+    vec_env: VecEnvKind = "auto"  # async: one process per env; native: ale-py (agents.envs)
+    threads: int | None = None  # torch intra-op threads; null: rl_kfac.threads.auto_threads
     frame_stack: int = 4  # Atari only
     # returns
     gamma: float = 0.99
@@ -140,6 +141,10 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kl_clip is not None and self.kl_clip <= 0:
             raise ValueError(f"kl_clip must be > 0 or null, got {self.kl_clip}")
+        if self.vec_env == "native" and not self.env_id.startswith("ALE/"):
+            raise ValueError(f"vec_env 'native' is ale-py's Atari env; {self.env_id} has none")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null (auto), got {self.threads}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if (

@@ -1,13 +1,19 @@
-"""Vector environments: gymnasium's Sync/AsyncVectorEnv with same-step autoreset.
+"""Vector environments with same-step autoreset.
 
-Each sub-environment records its episode statistics (gymnasium's RecordEpisodeStatistics) before
-any reward transformation, so logged returns are the environment's own. Atari ids (``ALE/...``)
-get AtariPreprocessing (84x84 grey, frame skip 4, up to 30 no-ops), 4-frame stacking and reward
-clipping to its sign for training.
+Episode statistics are recorded before any reward transformation, so logged returns are the
+environment's own. Atari ids (``ALE/...``) get 84x84 grey frames, frame skip 4 with the max of
+the last two frames, up to 30 no-op starts, the v5 sticky actions (0.25), ``frame_stack``
+stacked frames, episodes of whole games, and rewards clipped to their sign for training, either
+
+- ``vec_env: native`` (``auto``'s choice for Atari): ale-py's ``AtariVectorEnv``, which steps the
+  games in C++ threads and does this preprocessing itself; or
+- ``vec_env: sync | async``: gymnasium's Sync/AsyncVectorEnv of ``AtariPreprocessing`` and
+  ``FrameStackObservation`` wrapped games (the path every other environment takes).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import gymnasium as gym
@@ -48,10 +54,55 @@ def _make_one(env_id: str, frame_stack: int) -> Callable[[], gym.Env]:
 
 
 def make_vec_env(
-    env_id: str, n_envs: int, vec_env: str = "sync", frame_stack: int = 4
+    env_id: str, n_envs: int, vec_env: str = "auto", frame_stack: int = 4
 ) -> VectorEnv:
     check_env_id(env_id)
+    if vec_env == "native" or (vec_env == "auto" and is_atari(env_id)):
+        return _native_atari(env_id, n_envs, frame_stack)
     thunks = [_make_one(env_id, frame_stack) for _ in range(n_envs)]
     if vec_env == "async":
         return AsyncVectorEnv(thunks, autoreset_mode=AutoresetMode.SAME_STEP)
     return SyncVectorEnv(thunks, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def rom_name(env_id: str) -> str:
+    """``ALE/SpaceInvaders-v5`` → ``space_invaders`` (ale-py's ROM ids)."""
+    game = env_id.removeprefix("ALE/").split("-")[0]
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", game).lower()
+
+
+def _native_atari(env_id: str, n_envs: int, frame_stack: int) -> VectorEnv:
+    from ale_py.vector_env import AtariVectorEnv
+
+    if not is_atari(env_id) or not env_id.endswith("-v5"):
+        raise ValueError(f"vec_env 'native' runs ALE/<Game>-v5 ids, got {env_id!r}")
+    envs = AtariVectorEnv(
+        rom_name(env_id),
+        n_envs,
+        autoreset_mode="SameStep",
+        stack_num=frame_stack,
+        frameskip=4,
+        maxpool=True,
+        noop_max=30,
+        repeat_action_probability=0.25,  # the v5 default, as gym.make gives the other path
+        episodic_life=False,
+        use_fire_reset=False,
+        reward_clipping=False,  # the game's own returns are recorded first, then clipped
+    )
+    recorded = gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    return gym.wrappers.vector.TransformReward(recorded, np.sign)
+
+
+def finished_episodes(info: dict) -> list[tuple[float, int]]:
+    """``(return, length)`` of the episodes that ended in this step, from either path's info
+    (per-environment statistics land in ``final_info``, vector-level ones at the top)."""
+    source = info.get("final_info")
+    if not source or "episode" not in source:
+        source = info
+    if "episode" not in source:
+        return []
+    mask = source["_episode"]
+    return [
+        (float(r), int(n))
+        for r, n in zip(source["episode"]["r"][mask], source["episode"]["l"][mask])
+    ]

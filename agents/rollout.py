@@ -20,6 +20,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from torch import Tensor
 
+from agents.envs import finished_episodes
 from agents.networks import ActorCritic
 from agents.normalize import Normalizer
 
@@ -163,11 +164,7 @@ class RolloutCollector:
         )
 
     def _record_episodes(self, info: dict) -> None:
-        final = info.get("final_info")
-        if not final or "episode" not in final:
-            return
-        mask = final["_episode"]
-        for r, length in zip(final["episode"]["r"][mask], final["episode"]["l"][mask]):
-            self.episode_returns.append(float(r))
-            self.episode_lengths.append(int(length))
-            self.finished.append((self.timesteps, float(r), int(length)))
+        for r, length in finished_episodes(info):
+            self.episode_returns.append(r)
+            self.episode_lengths.append(length)
+            self.finished.append((self.timesteps, r, length))

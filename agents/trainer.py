@@ -27,6 +27,7 @@ from agents.normalize import Normalizer
 from agents.ppo_kfac import PPOKFAC
 from agents.rollout import RolloutCollector
 from rl_kfac.distributed import init_distributed
+from rl_kfac.threads import auto_threads, idle_cores
 
 ALGORITHMS: dict[str, type[KFACAlgorithm]] = {"acktr": ACKTR, "ppo_kfac": PPOKFAC}
 
@@ -70,6 +71,16 @@ class TrainResult:
         }
 
 
+def _max_rss_mib() -> float | None:
+    """Peak resident memory of this process so far (Linux/macOS), in MiB."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 def _rank_device(device: torch.device) -> torch.device:
     """Under torchrun, each process takes the GPU of its local rank."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -102,6 +113,8 @@ class Trainer:
                 "or choose another --log-dir"
             )
         check_env_id(cfg.env_id)
+        # idle cores matter for large networks only; measured before env workers start
+        idle = idle_cores() if cfg.threads is None and cfg.arch == "cnn" else None
         self.device = _rank_device(resolve_device(cfg.device))
         self.comm = init_distributed(self.device)  # every rank has passed the checks above
         self.rank = self.comm.rank if self.comm else 0
@@ -115,6 +128,9 @@ class Trainer:
             self.envs.close()
             raise
         self.policy.to(self.device)
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.threads = cfg.threads or auto_threads(self.policy, idle, processes)
+        torch.set_num_threads(self.threads)
         if self.comm is not None:  # same initial weights everywhere, own action noise per rank
             self.comm.broadcast(list(self.policy.state_dict().values()), src=0)
             seed_everything(cfg.seed + self.rank)
@@ -226,7 +242,8 @@ class Trainer:
         result.timesteps = self.timesteps
         result.wall_time = time.perf_counter() - start
         if self.rank == 0:
-            (self.run_dir / "result.json").write_text(json.dumps(result.summary(), indent=1))
+            summary = {**result.summary(), "threads": self.threads, "max_rss_mib": _max_rss_mib()}
+            (self.run_dir / "result.json").write_text(json.dumps(summary, indent=1))
         return result
 
     def _log(self, writer: SummaryWriter, stats: Stats, fps: float) -> None:
@@ -235,6 +252,7 @@ class Trainer:
             writer.add_scalar("rollout/ep_rew_mean", np.mean(self.collector.episode_returns), step)
             writer.add_scalar("rollout/ep_len_mean", np.mean(self.collector.episode_lengths), step)
         writer.add_scalar("time/fps", fps, step)
+        writer.add_scalar("time/threads", self.threads, step)
         for key, value in stats.items():
             writer.add_scalar(key, float(value), step)  # the only device->host read
 

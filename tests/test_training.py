@@ -232,6 +232,8 @@ def test_continuous_and_atari_configs_run(tmp_path, config, overrides):
     summary = json.loads((tmp_path / "result.json").read_text())
     assert summary["timesteps"] == result.timesteps
     assert summary["episodes"] == len(result.episodes)
+    assert summary["threads"] == torch.get_num_threads() >= 1
+    assert summary["max_rss_mib"] > 50  # a python process with torch
     assert len(trainer.algo.optimizer.blocks) == (3 + 3 if "pendulum" in config else 4 + 2)
     if "pong" in config:
         assert trainer.collector.obs.dtype == torch.uint8
