@@ -43,6 +43,8 @@ class KFACAlgorithm:
             inverse_update_interval=cfg.inverse_update_interval,
             damping_mode=cfg.damping_mode,
             conv_approx=cfg.conv_approx,
+            statistics_rows=cfg.statistics_rows,
+            inverse_mode=cfg.inverse_mode,
             communicator=comm,
         )
         self.kl_damping = (

@@ -21,6 +21,7 @@ import yaml
 
 from agents.networks import Activation, Arch, PolicySpec
 from rl_kfac import ConvApprox, DampingMode
+from rl_kfac.curvature import InverseMode
 
 Algo = Literal["acktr", "ppo_kfac"]
 VecEnvKind = Literal["auto", "sync", "async", "native"]  # auto: native for ALE ids, else sync
@@ -62,6 +63,8 @@ class Config:
     factor_update_interval: int = 1
     inverse_update_interval: int = 10
     conv_approx: ConvApprox = "expand"
+    statistics_rows: int | None = None  # A, G from this many sampled rows per layer (KFAC docs)
+    inverse_mode: InverseMode = "sync"  # background: eigendecompositions in a worker thread
     # damping adaptation (rl_kfac.damping)
     damping_adaptation: DampingAdaptation = "none"
     damping_target_kl: float = 0.01
@@ -143,6 +146,8 @@ class Config:
             raise ValueError(f"kl_clip must be > 0 or null, got {self.kl_clip}")
         if self.vec_env == "native" and not self.env_id.startswith("ALE/"):
             raise ValueError(f"vec_env 'native' is ale-py's Atari env; {self.env_id} has none")
+        if self.statistics_rows is not None and self.statistics_rows < 1:
+            raise ValueError(f"statistics_rows must be >= 1 or null, got {self.statistics_rows}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null (auto), got {self.threads}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

@@ -92,7 +92,13 @@ def _policy_kwargs(cfg: Config) -> str | None:
         parts.append(f"log_std_init={cfg.log_std_init:g}")
     if not cfg.ortho_init:
         parts.append("ortho_init=False")
-    optimizer = {"damping_mode": "exact", "conv_approx": "expand", "weight_decay": 0.0}
+    optimizer = {
+        "damping_mode": "exact",
+        "conv_approx": "expand",
+        "weight_decay": 0.0,
+        "statistics_rows": None,
+        "inverse_mode": "sync",
+    }
     own = {k: getattr(cfg, k) for k, v in optimizer.items() if getattr(cfg, k) != v}
     if own:
         parts.append(f"optimizer_kwargs=dict({', '.join(f'{k}={v!r}' for k, v in own.items())})")
