@@ -6,14 +6,14 @@ the last two frames, up to 30 no-op starts, the v5 sticky actions (0.25), ``fram
 stacked frames, episodes of whole games, and rewards clipped to their sign for training, either
 
 - ``vec_env: native`` (``auto``'s choice for Atari): ale-py's ``AtariVectorEnv``, which steps the
-  games in C++ threads and does this preprocessing itself; or
+  games in C++ threads and does this preprocessing itself (it starts an episode's frame stack
+  with blank frames, as SB3's ``VecFrameStack`` does, where gymnasium repeats the first); or
 - ``vec_env: sync | async``: gymnasium's Sync/AsyncVectorEnv of ``AtariPreprocessing`` and
   ``FrameStackObservation`` wrapped games (the path every other environment takes).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import gymnasium as gym
@@ -66,9 +66,9 @@ def make_vec_env(
 
 
 def rom_name(env_id: str) -> str:
-    """``ALE/SpaceInvaders-v5`` → ``space_invaders`` (ale-py's ROM ids)."""
-    game = env_id.removeprefix("ALE/").split("-")[0]
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", game).lower()
+    """``ALE/SpaceInvaders-v5`` → ``space_invaders``: the ROM ale-py registered the id with."""
+    check_env_id(env_id)
+    return str(gym.spec(env_id).kwargs["game"])
 
 
 def _native_atari(env_id: str, n_envs: int, frame_stack: int) -> VectorEnv:

@@ -155,6 +155,9 @@ class Conv2dBlock(Block):
         g = _batched(g)
         return g.shape[0] * (g.shape[2] * g.shape[3] if self.approx == "expand" else 1)
 
+    def grad_scale(self, g: Tensor) -> float:
+        return float(_batched(g).shape[0])
+
     def rows_at(self, a: Tensor, g: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         g = _batched(g)
         if self.approx == "reduce":  # rows are samples

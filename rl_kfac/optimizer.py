@@ -129,7 +129,8 @@ class KFAC(Optimizer):
         )
         _check(inverse_mode in INVERSE_MODES, f"inverse_mode must be one of {INVERSE_MODES}")
         _check(
-            statistics_rows is None or (isinstance(statistics_rows, int) and statistics_rows >= 1),
+            statistics_rows is None
+            or (type(statistics_rows) is int and statistics_rows >= 1),  # not a bool
             f"statistics_rows must be an int >= 1 or None, got {statistics_rows}",
         )
 

@@ -39,7 +39,7 @@ def idle_cores(seconds: float = 0.25) -> float:
         except (OSError, ValueError):
             return None
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return idle, sum(fields)
+        return idle, sum(fields[:8])  # guest time is already counted in user time
 
     first = sample()
     time.sleep(seconds)

@@ -12,6 +12,7 @@ from agents.envs import finished_episodes, make_vec_env, rom_name
 def test_rom_names():
     assert rom_name("ALE/Pong-v5") == "pong"
     assert rom_name("ALE/SpaceInvaders-v5") == "space_invaders"
+    assert rom_name("ALE/TicTacToe3D-v5") == "tic_tac_toe_3d"
 
 
 def test_native_atari_env_layout_and_clipped_rewards():

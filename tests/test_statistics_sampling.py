@@ -31,6 +31,9 @@ def test_conv_expand_rows_at_are_the_patches_at_those_positions():
     grads = g.flatten(2).transpose(1, 2).reshape(n * r, -1)
     torch.testing.assert_close(y, grads[index], rtol=0, atol=0)
     assert block.row_count(g) == n * r
+    # one unbatched image: a batch of 1, whichever path takes it
+    assert block.grad_scale(g[0]) == block.grad_rows(g[0])[1] == 1.0
+    assert block.row_count(g[0]) == r
 
 
 def test_linear_and_reduce_rows_at_select_rows():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from torch import nn
 
@@ -19,7 +21,7 @@ def test_small_networks_get_one_thread_and_convolutions_the_idle_cores():
     assert auto_threads(cnn, idle=float(cores), processes=cores) == 1
     big = nn.Linear(1000, 1001)  # over a million parameters
     assert auto_threads(big, idle=float(cores)) == cores
-    assert 0.0 <= idle_cores(0.05) <= cores + 0.5
+    assert 0.0 <= idle_cores(0.05) <= (os.cpu_count() or 1) + 0.5  # all of the host's cores
 
 
 def test_threads_setting_is_validated():
