@@ -14,6 +14,20 @@ from rl_kfac.damping import KLDampingController, LevenbergMarquardt
 from rl_kfac.distributed import Communicator, allreduce_gradients, average_scalar
 
 Stats = dict[str, float | Tensor]
+# Config keys that are KFAC arguments of the same name
+KFAC_KEYS = (
+    "momentum",
+    "stat_decay",
+    "damping",
+    "kl_clip",
+    "weight_decay",
+    "factor_update_interval",
+    "inverse_update_interval",
+    "damping_mode",
+    "conv_approx",
+    "statistics_rows",
+    "inverse_mode",
+)
 
 
 def normalize(advantages: Tensor) -> Tensor:
@@ -31,22 +45,8 @@ class KFACAlgorithm:
 
     def __init__(self, policy: ActorCritic, cfg: Config, comm: Communicator | None = None) -> None:
         self.policy, self.cfg, self.comm = policy, cfg, comm
-        self.optimizer = KFAC(
-            policy,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            stat_decay=cfg.stat_decay,
-            damping=cfg.damping,
-            kl_clip=cfg.kl_clip,
-            weight_decay=cfg.weight_decay,
-            factor_update_interval=cfg.factor_update_interval,
-            inverse_update_interval=cfg.inverse_update_interval,
-            damping_mode=cfg.damping_mode,
-            conv_approx=cfg.conv_approx,
-            statistics_rows=cfg.statistics_rows,
-            inverse_mode=cfg.inverse_mode,
-            communicator=comm,
-        )
+        kfac = {key: getattr(cfg, key) for key in KFAC_KEYS}
+        self.optimizer = KFAC(policy, lr=cfg.lr, communicator=comm, **kfac)
         self.kl_damping = (
             KLDampingController(
                 cfg.damping_target_kl,

@@ -256,3 +256,22 @@ def test_cartpole_configs_reach_475(tmp_path, config):
     returns = [r for _, r, _ in result.episodes]
     best = max(np.mean(returns[i - 100 : i]) for i in range(100, len(returns) + 1))
     assert best >= 475, best
+
+
+def test_config_reaches_every_kfac_argument_it_names():
+    import inspect
+
+    from agents.algorithm import KFAC_KEYS
+    from agents.config import FIELDS
+    from rl_kfac import KFAC
+
+    params = inspect.signature(KFAC).parameters
+    assert all(key in params and key in FIELDS for key in KFAC_KEYS)
+    # the rest are set by the agents themselves (lr by the schedule) or fixed
+    assert set(params) - set(KFAC_KEYS) == {
+        "model_or_params",
+        "lr",
+        "communicator",
+        "factor_dtype",
+        "statistics",
+    }
