@@ -275,8 +275,7 @@ class KFAC(Optimizer):
         self._factors.finish()
         self._check_setup()
         due = self._steps % self.inverse_update_interval == 0
-        for name in self._curvature.refresh(self.blocks, due):
-            self._warn_once(f"eig {name}", f"eigendecomposition failed for {name}; kept last basis")
+        self._warn_eig_failures(self._curvature.refresh(self.blocks, due))
         return self._curvature.layout(self.param_groups, self.blocks)
 
     def _precondition(
@@ -361,7 +360,10 @@ class KFAC(Optimizer):
         """Fold in the cross-rank average and swap in the background eigendecomposition in
         flight: at the next step they would be, and nothing happens in between."""
         self._factors.finish()
-        for name in self._curvature.finish():
+        self._warn_eig_failures(self._curvature.finish())
+
+    def _warn_eig_failures(self, names: list[str]) -> None:
+        for name in names:
             self._warn_once(f"eig {name}", f"eigendecomposition failed for {name}; kept last basis")
 
     def remove_hooks(self) -> None:
@@ -397,9 +399,6 @@ class KFAC(Optimizer):
         state = super().__getstate__()
         state.update({k: v for k, v in self.__dict__.items() if k not in state})
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
 
     def __repr__(self) -> str:
         g = self.param_groups[0]
