@@ -53,5 +53,4 @@ class ACKTR(KFACAlgorithm):
             "train/entropy": entropy.detach(),
             "train/approx_kl": kl,
             "train/learning_rate": lr,
-            **opt.diagnostics.scalars(),
         }

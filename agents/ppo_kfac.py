@@ -85,5 +85,4 @@ class PPOKFAC(KFACAlgorithm):
             "train/approx_kl": kl,
             "train/learning_rate": lr,
             "train/n_updates": steps,
-            **opt.diagnostics.scalars(),
         }

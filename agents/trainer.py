@@ -22,6 +22,7 @@ from agents.algorithm import KFACAlgorithm, Stats
 from agents.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from agents.config import Config, from_dict, to_yaml
 from agents.envs import check_env_id, make_vec_env
+from agents.episode_log import EpisodeLog
 from agents.networks import ActorCritic
 from agents.normalize import Normalizer
 from agents.ppo_kfac import PPOKFAC
@@ -163,9 +164,11 @@ class Trainer:
         )
         self.run_dir = run_dir
         self.writer: SummaryWriter | None = None
+        self.episode_log: EpisodeLog | None = None
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            self.episode_log = EpisodeLog(self.run_dir / "episodes.csv", self.timesteps)
             # purge_step drops events logged after the checkpoint by an interrupted earlier run
             self.writer = SummaryWriter(str(self.run_dir), purge_step=self.timesteps or None)
         self.show_progress = progress and sys.stderr.isatty() and self.rank == 0
@@ -193,6 +196,8 @@ class Trainer:
         path = self.run_dir / name
         if self.rank == 0:  # all ranks hold the same weights and optimizer state
             save_checkpoint(path, self.state())
+            if self.episode_log is not None:
+                self.episode_log.flush()
         return path
 
     # -- the loop -----------------------------------------------------------------------------
@@ -217,9 +222,11 @@ class Trainer:
                 stats = self.algo.update(batch, self.timesteps / cfg.total_timesteps)
                 result.update_time += time.perf_counter() - t0
                 self.updates += 1
-                for step, ret, length in self.collector.finished:
-                    result.episodes.append((start_steps + step, ret, length))
+                finished = [(start_steps + s, r, n) for s, r, n in self.collector.finished]
                 self.collector.finished.clear()
+                result.episodes += finished
+                if self.episode_log is not None:
+                    self.episode_log.append(finished)
                 fps = (self.timesteps - start_steps) / (time.perf_counter() - start)
                 if self.updates % cfg.log_interval == 0 and self.writer is not None:
                     self._log(self.writer, stats, fps)
@@ -253,12 +260,15 @@ class Trainer:
             writer.add_scalar("rollout/ep_len_mean", np.mean(self.collector.episode_lengths), step)
         writer.add_scalar("time/fps", fps, step)
         writer.add_scalar("time/threads", self.threads, step)
-        for key, value in stats.items():
-            writer.add_scalar(key, float(value), step)  # the only device->host read
+        # the only device->host reads: the optimizer's ν and counters too are read only here
+        for key, value in {**stats, **self.algo.optimizer.diagnostics.scalars()}.items():
+            writer.add_scalar(key, float(value), step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.episode_log is not None:
+            self.episode_log.close()
         self.envs.close()
 
 

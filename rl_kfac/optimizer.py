@@ -27,6 +27,7 @@ from rl_kfac.capture import StatisticsCapture
 from rl_kfac.curvature import INVERSE_MODES, Curvature, GroupLayout, InverseMode
 from rl_kfac.damping import DAMPING_MODES, DampingMode
 from rl_kfac.diagnostics import Diagnostics
+from rl_kfac.lazy_count import LazyCount
 from rl_kfac.statistics import FactorStore
 from rl_kfac.warn import warn_once
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:  # the math runs without torch.distributed; only a communicato
 
 Statistics = Literal["explicit", "empirical"]
 STATISTICS: tuple[Statistics, ...] = ("explicit", "empirical")
+HostSync = Literal["auto", "step", "log"]
+HOST_SYNCS: tuple[HostSync, ...] = ("auto", "step", "log")
 
 
 class KFAC(Optimizer):
@@ -77,6 +80,12 @@ class KFAC(Optimizer):
             ``"background"`` — they run in a worker thread (side stream on CUDA) from a copy of
             the factors and are swapped in at the next step, so the eigenbases lag by one step
             (deterministic; see :class:`rl_kfac.curvature.Curvature`). One process only.
+        host_sync: ``"step"`` — the step reads its trust-region quantities on the host (exact,
+            and free on a CPU); ``"log"`` — ν, the skip decision and the skipped-step counter
+            stay on the parameters' device, so a step on an accelerator never waits for it:
+            the host reads them only when :attr:`diagnostics` or :attr:`counters` are read
+            (e.g. every ``log_interval``), and the skipped-step warning comes then. ``"auto"``
+            (default): ``"step"`` on CPU, ``"log"`` elsewhere. The two agree to rounding.
         communicator: a :class:`rl_kfac.distributed.Communicator` for data-parallel training:
             factors are averaged across ranks and eigendecompositions shared out (gradients are
             the caller's: :func:`rl_kfac.distributed.allreduce_gradients`). ``None``: one process.
@@ -107,6 +116,7 @@ class KFAC(Optimizer):
         communicator: Communicator | None = None,
         statistics_rows: int | None = None,
         inverse_mode: InverseMode = "sync",
+        host_sync: HostSync = "auto",
     ) -> None:
         _check(lr > 0, f"lr must be > 0, got {lr}")
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
@@ -128,6 +138,7 @@ class KFAC(Optimizer):
             statistics in STATISTICS, f"statistics must be one of {STATISTICS}, got {statistics!r}"
         )
         _check(inverse_mode in INVERSE_MODES, f"inverse_mode must be one of {INVERSE_MODES}")
+        _check(host_sync in HOST_SYNCS, f"host_sync must be one of {HOST_SYNCS}")
         _check(
             statistics_rows is None
             or (type(statistics_rows) is int and statistics_rows >= 1),  # not a bool
@@ -160,14 +171,23 @@ class KFAC(Optimizer):
         else:
             self._capture.start_discovery(p for g in self.param_groups for p in g["params"])
         self.statistics_rows = statistics_rows
+        self.host_sync: HostSync = host_sync
+        first = self.param_groups[0]["params"][0]
+        self._sync_free = host_sync == "log" or (host_sync == "auto" and first.device.type != "cpu")
         self._factors = FactorStore(
-            self._param_state, stat_decay, factor_dtype, communicator, statistics_rows
+            self._param_state,
+            stat_decay,
+            factor_dtype,
+            communicator,
+            statistics_rows,
+            host_check=not self._sync_free,
         )
         self.inverse_mode: InverseMode = inverse_mode
         self._curvature = Curvature(self._factors, communicator, inverse_mode)
         self._steps = 0
-        self._skipped_steps = 0
-        self._last: tuple[float, float] = (1.0, 0.0)  # ν and quadratic form of the last step
+        self._skipped_steps = LazyCount()
+        # ν and quadratic form of the last step (tensors with host_sync "log")
+        self._last: tuple[float | Tensor, float | Tensor] = (1.0, 0.0)
         self._known_blocks = -1  # number of layers found when the layout was last checked
         self._warned: set[str] = set()
 
@@ -248,12 +268,16 @@ class KFAC(Optimizer):
             pairs, quad = self._precondition(group, lay)
             directions.append(pairs)
             quads.append(quad)
-        quad_values = torch.stack([q.to(quads[0].device) for q in quads]).tolist()  # one sync
         self._steps += 1
         self._capture.arm(self._steps % self.factor_update_interval == 0)
+        if self._sync_free:
+            device = self.param_groups[0]["params"][0].device
+            self._step_on_device([q.to(device) for q in quads], layout, directions)
+            return loss
+        quad_values = torch.stack([q.to(quads[0].device) for q in quads]).tolist()  # one sync
         if not all(math.isfinite(q) for q in quad_values):
-            self._skipped_steps += 1
-            self._warn_once("step", "non-finite gradient or update: K-FAC step skipped")
+            self._skipped_steps.value += 1
+            self._warn_once("step", SKIPPED_STEP)
             self._last = (math.nan, math.nan)
             return loss
 
@@ -267,6 +291,25 @@ class KFAC(Optimizer):
             _apply(group, lay, params, dirs, nu, self._param_state)
         self._last = (nu, sum(quad_values))
         return loss
+
+    def _step_on_device(
+        self,
+        quads: list[Tensor],
+        layout: list[GroupLayout],
+        directions: list[tuple[list[Tensor], list[Tensor]]],
+    ) -> None:
+        """The end of :meth:`step` without a host read: ν and the skip decision as tensors."""
+        q = torch.stack(quads).double()
+        finite = q.isfinite().all()
+        nu = torch.ones((), dtype=q.dtype, device=q.device)
+        if self.kl_clip is not None:
+            weighted = sum(g["lr"] ** 2 * qi.clamp(min=0) for g, qi in zip(self.param_groups, q))
+            assert isinstance(weighted, Tensor)
+            nu = torch.where(weighted > 0, (self.kl_clip / weighted).sqrt().clamp(max=1.0), nu)
+        for group, lay, (params, dirs) in zip(self.param_groups, layout, directions):
+            _apply_gated(group, lay, params, dirs, nu, finite, self._param_state)
+        self._skipped_steps.add_flag(~finite)
+        self._last = (torch.where(finite, nu, math.nan), torch.where(finite, q.sum(), math.nan))
 
     def _prepare(self) -> list[GroupLayout]:
         """Fold in pending statistics, refresh eigenbases when due; the layout to step with."""
@@ -338,12 +381,15 @@ class KFAC(Optimizer):
     @property
     def counters(self) -> dict[str, int]:
         """Steps, statistics and inverse updates, and what was skipped or failed (a copy)."""
+        if self._skipped_steps.settle():  # host_sync "log": the step's flags read here
+            self._warn_once("step", SKIPPED_STEP)
+        skipped_statistics = self._factors.skipped  # first: it settles the device's count
         return {
             "steps": self._steps,
             "statistics_updates": self._factors.updates,
             "inverse_updates": self._curvature.updates,
-            "skipped_steps": self._skipped_steps,
-            "skipped_statistics": self._factors.skipped,
+            "skipped_steps": self._skipped_steps.value,
+            "skipped_statistics": skipped_statistics,
             "eig_failures": self._curvature.failures,
         }
 
@@ -351,7 +397,7 @@ class KFAC(Optimizer):
     def diagnostics(self) -> Diagnostics:
         """The last step's ν and quadratic form, the damping λ now, and the counters."""
         nu, quad = self._last
-        return Diagnostics(nu, quad, self.damping, **self.counters)
+        return Diagnostics(float(nu), float(quad), self.damping, **self.counters)
 
     def _warn_once(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)
@@ -388,7 +434,7 @@ class KFAC(Optimizer):
                     state[key] = state[key].to(self.factor_dtype)
         if counters is not None:
             c = {k: int(counters.get(k, 0)) for k in self.counters}
-            self._steps, self._skipped_steps = c["steps"], c["skipped_steps"]
+            self._steps, self._skipped_steps = c["steps"], LazyCount(c["skipped_steps"])
             self._factors.load_counters(c["statistics_updates"], c["skipped_statistics"])
             self._curvature.load_counters(c["inverse_updates"], c["eig_failures"])
         self._capture.arm(self._steps % self.factor_update_interval == 0)
@@ -410,8 +456,12 @@ class KFAC(Optimizer):
             f"damping_mode={self.damping_mode!r}, conv_approx={self.conv_approx!r}, "
             f"factor_dtype={self.factor_dtype}, statistics={self.statistics!r}, "
             f"statistics_rows={self.statistics_rows}, inverse_mode={self.inverse_mode!r}, "
+            f"host_sync={self.host_sync!r}, "
             f"blocks={len(self.blocks)})"
         )
+
+
+SKIPPED_STEP = "non-finite gradient or update: K-FAC step skipped"
 
 
 def _check(ok: bool, message: str) -> None:
@@ -451,3 +501,37 @@ def _apply(
     torch._foreach_mul_(bufs, mom)
     torch._foreach_add_(bufs, dirs, alpha=nu)
     torch._foreach_add_(params, bufs, alpha=-lr * (1.0 - mom))
+
+
+def _apply_gated(
+    group: dict[str, Any],
+    lay: GroupLayout,
+    params: list[Tensor],
+    dirs: list[Tensor],
+    nu: Tensor,
+    finite: Tensor,
+    state_of: Callable[[Tensor], dict[str, Any]],
+) -> None:
+    """:func:`_apply` with ν a tensor, and no change at all where ``finite`` is false."""
+    lr, mom = group["lr"], group["momentum"]
+    if not params:
+        return
+    dtype = params[0].dtype
+
+    def gated(value: float, otherwise: float) -> Tensor:  # made on the device: no copy to it
+        return torch.where(
+            finite, torch.full((), value, dtype=dtype, device=finite.device), otherwise
+        )
+
+    scale = torch.where(finite, nu, 0.0).to(dtype)
+    # a skipped step's directions may hold inf/nan, and 0 · inf is nan: zero them first
+    steps = [torch.where(finite, d, 0.0) for d in dirs]
+    torch._foreach_mul_(steps, scale)
+    if mom == 0:
+        torch._foreach_mul_(steps, -lr)
+        torch._foreach_add_(params, steps)
+        return
+    bufs = lay.momentum_buffers(params, state_of)
+    torch._foreach_mul_(bufs, gated(mom, 1.0))  # a skipped step keeps the buffers
+    torch._foreach_add_(bufs, steps)
+    torch._foreach_add_(params, torch._foreach_mul(bufs, gated(-lr * (1.0 - mom), 0.0)))

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from rl_kfac.blocks import Block
 from rl_kfac.capture import Record
+from rl_kfac.lazy_count import LazyCount
 from rl_kfac.warn import warn_once
 
 if TYPE_CHECKING:  # the math runs without torch.distributed; only a communicator uses it
@@ -84,6 +85,10 @@ class FactorStore:
         communicator: averages batch factors across ranks (``None``: one process).
         max_rows: estimate each layer call's factors from at most this many rows
             (:func:`batch_factors`); ``None``: all rows.
+        host_check: ``True`` — a non-finite update is detected on the host before it is
+            folded in; ``False`` — on the device: the fold then keeps the old factors, and
+            :attr:`skipped` reads the device's count (a layer's first factors are always
+            checked on the host).
     """
 
     def __init__(
@@ -93,15 +98,17 @@ class FactorStore:
         dtype: torch.dtype,
         communicator: Communicator | None = None,
         max_rows: int | None = None,
+        host_check: bool = True,
     ) -> None:
         self.state_of = state_of
+        self.host_check = host_check
         self.max_rows = max_rows
         self.stat_decay = stat_decay
         self.dtype = dtype
         self._comm = communicator if communicator and communicator.world_size > 1 else None
         self._pending: tuple[list[Block], PendingAverage] | None = None
-        self.updates = 0  # statistics updates folded in
-        self.skipped = 0  # statistics updates dropped as non-finite
+        self.updates = 0  # statistics updates folded in (or dropped as non-finite)
+        self._skipped = LazyCount()  # statistics updates dropped as non-finite
         self._new_blocks = False
         self._warned: set[str] = set()
 
@@ -127,19 +134,38 @@ class FactorStore:
 
     @torch.no_grad()
     def _fold(self, blocks: list[Block], factors: list[Tensor]) -> None:
-        if not bool(torch.stack(torch._foreach_norm(factors)).isfinite().all()):
-            self.skipped += 1
-            warn_once(self._warned, "stats", "non-finite K-FAC statistics skipped (factors kept)")
+        finite = torch.stack(torch._foreach_norm(factors)).isfinite().all()
+        first = any("A" not in self.state_of(b.weight) for b in blocks)
+        if (self.host_check or first) and not bool(finite):
+            self._skipped.value += 1
+            self._warn_skipped()
             return
         for block, new_a, new_g in zip(blocks, factors[::2], factors[1::2]):
             state = self.state_of(block.weight)
             if "A" not in state:  # the running average starts at the first batch
                 state["A"], state["G"] = new_a.clone(), new_g.clone()
                 self._new_blocks = True
-            else:
+            elif self.host_check:
                 state["A"].lerp_(new_a, 1.0 - self.stat_decay)
                 state["G"].lerp_(new_g, 1.0 - self.stat_decay)
+            else:  # a non-finite update moves toward the old factors: they stay as they were
+                state["A"].lerp_(torch.where(finite, new_a, state["A"]), 1.0 - self.stat_decay)
+                state["G"].lerp_(torch.where(finite, new_g, state["G"]), 1.0 - self.stat_decay)
+        if not self.host_check:
+            self._skipped.add_flag(~finite)
         self.updates += 1
+
+    def _warn_skipped(self) -> None:
+        warn_once(self._warned, "stats", "non-finite K-FAC statistics skipped (factors kept)")
+
+    @property
+    def skipped(self) -> int:
+        """Statistics updates dropped as non-finite (reads the device's count, if any)."""
+        n = self._skipped.settle()
+        if n:  # counted in ``updates`` when folded on the device
+            self.updates -= n
+            self._warn_skipped()
+        return self._skipped.value
 
     def has(self, block: Block) -> bool:
         return "A" in self.state_of(block.weight)
@@ -160,7 +186,7 @@ class FactorStore:
         return new
 
     def load_counters(self, updates: int, skipped: int) -> None:
-        self.updates, self.skipped = updates, skipped
+        self.updates, self._skipped = updates, LazyCount(skipped)
 
     def __getstate__(self) -> dict[str, Any]:
         self.finish()

@@ -8,7 +8,9 @@ updates, and the median over blocks is reported.
     python scripts/bench_optimizer.py [--device auto] [--blocks 7] [--only cnn-320,mlp-2048]
         [--statistics-rows M] [--factor-update-interval T] [--background]
 
-Each row also prints the multiply-adds of the variant's factor statistics per update.
+Each row also prints the multiply-adds of the variant's factor statistics per update. Every
+case times full exact statistics ("exact", KFAC's defaults) and the K-FAC settings of the shipped
+config with the same batch shape ("shipped: <config>"); the flags add single options.
 """
 
 from __future__ import annotations
@@ -171,11 +173,28 @@ CASES: dict[str, tuple[str, Callable[[], nn.Module], int]] = {
     "cnn-320": ("Nature CNN, batch 16x20", nature_cnn_policy, 320),
     "cnn-640": ("Nature CNN, batch 32x20", nature_cnn_policy, 640),
 }
+# the shipped config whose K-FAC settings each case also times (same n_envs x n_steps, except
+# cnn-640: no Atari config ships 32 envs)
+SHIPPED = {
+    "mlp-320": "configs/acktr/lunarlander.yaml",
+    "mlp-2048": "configs/ppo_kfac/halfcheetah.yaml",
+    "cnn-320": "configs/acktr/pong.yaml",
+    "cnn-640": "configs/acktr/pong.yaml",
+}
+
+
+def shipped_settings(path: str) -> dict[str, Any]:
+    """The KFAC arguments our agents build from ``path`` (the learning rate aside)."""
+    from agents.algorithm import KFAC_KEYS
+    from agents.config import load_config
+
+    cfg = load_config(path)
+    return {key: getattr(cfg, key) for key in KFAC_KEYS}
 
 
 def variants(key: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """K-FAC settings to time: exact full statistics, and each cheaper option asked for."""
-    out: dict[str, dict[str, Any]] = {"exact": {}}
+    out: dict[str, dict[str, Any]] = {"exact": {}, f"shipped: {SHIPPED[key]}": {"shipped": True}}
     if key.startswith("cnn"):
         out["conv reduce"] = {"conv_approx": "reduce"}
     if args.statistics_rows:
@@ -190,7 +209,8 @@ def variants(key: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             }
     if args.background:  # each variant so far, with its eigendecompositions in the background
         for label, kwargs in list(out.items()):
-            out[f"{label}, background"] = {**kwargs, "inverse_mode": "background"}
+            if "shipped" not in kwargs:
+                out[f"{label}, background"] = {**kwargs, "inverse_mode": "background"}
     return out
 
 
@@ -237,6 +257,8 @@ def main() -> None:
         gmac: dict[str, float] = {}
         for label, kwargs in variants(key, args).items():
             kmodel = build().to(device)
+            if kwargs.pop("shipped", False):
+                kwargs = shipped_settings(SHIPPED[key])
             opt = KFAC(kmodel, **kwargs)
             updates[label] = functools.partial(kfac_update, kmodel, opt, batch)
             gmac[label] = statistics_gmac(kmodel, opt, batch, opt.factor_update_interval)

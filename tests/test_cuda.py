@@ -46,3 +46,27 @@ def test_training_runs_on_the_device(tmp_path):
     assert result.timesteps == 640
     assert all(p.is_cuda for p in trainer.policy.parameters())
     assert trainer.collector.obs.is_cuda
+
+
+def test_the_step_takes_no_host_round_trip():
+    """host_sync "auto" on CUDA: after a layer's first factors and eigenbasis (checked on the
+    host once), statistics, step and counters stay on the device until they are read."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).cuda()
+    opt = KFAC(model, momentum=0.9, inverse_update_interval=1000)
+    x, y = torch.randn(64, 6, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+    for i in range(4):
+        if i == 2:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = model(x)
+            noise = torch.empty_like(out).exponential_().log()
+            sampled = (out.detach() - noise).argmax(-1)  # Gumbel-max; Categorical validates
+            opt.fisher_backward(F.cross_entropy(out, sampled))
+            opt.zero_grad()
+            F.cross_entropy(out, y).backward()
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert opt.counters["steps"] == 4 and opt.counters["skipped_steps"] == 0
+    assert 0 < opt.diagnostics.step_scale <= 1

@@ -274,4 +274,26 @@ def test_config_reaches_every_kfac_argument_it_names():
         "communicator",
         "factor_dtype",
         "statistics",
+        "host_sync",  # "auto": by the device
     }
+
+
+def test_episodes_csv_holds_every_episode_once_across_an_interrupted_resume(tmp_path):
+    from agents.episode_log import read_episodes
+
+    run = tmp_path / "run"
+    first = Trainer(small_config(total_timesteps=1600), run, progress=False)
+    result = first.train()
+    logged = read_episodes(run / "episodes.csv")
+    assert logged == [(s, pytest.approx(r, rel=1e-5), n) for s, r, n in result.episodes]
+    assert len(logged) > 10 and all(n > 0 for _, _, n in logged)
+    # an interrupted continuation wrote episodes after the checkpoint: they are dropped
+    with open(run / "episodes.csv", "a") as f:
+        f.write("1700,9.0,9\n1800,10.0,10\n")
+    resumed = trainer_from_checkpoint(run / "last.pt", {"total_timesteps": 3200})
+    more = resumed.train()
+    rows = read_episodes(run / "episodes.csv")
+    assert rows[: len(logged)] == logged
+    assert [s for s, _, _ in rows] == sorted(s for s, _, _ in rows)
+    assert len(rows) == len(logged) + len(more.episodes)
+    assert all(s > 1600 for s, _, _ in rows[len(logged) :])
