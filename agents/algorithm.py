@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -46,6 +48,15 @@ class KFACAlgorithm:
     def __init__(self, policy: ActorCritic, cfg: Config, comm: Communicator | None = None) -> None:
         self.policy, self.cfg, self.comm = policy, cfg, comm
         kfac = {key: getattr(cfg, key) for key in KFAC_KEYS}
+        if comm is not None and comm.world_size > 1 and kfac["inverse_mode"] == "background":
+            # the ranks share the eigendecompositions out among themselves instead
+            warnings.warn(
+                "inverse_mode 'background' runs in one process; under torchrun the ranks share "
+                "the eigendecompositions out in sync mode",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            kfac["inverse_mode"] = "sync"
         self.optimizer = KFAC(policy, lr=cfg.lr, communicator=comm, **kfac)
         self.kl_damping = (
             KLDampingController(

@@ -11,8 +11,21 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.checkpoint import load_checkpoint
+from agents.checkpoint import check_finite, load_checkpoint, restore
 from agents.config import from_dict, load_config, parse_override
+from agents.episode_log import read_episodes
+from agents.signals import TrainingInterrupted
+
+
+def _count(text: str) -> int:
+    """A positive step count, written as an integer or in float notation (``1e5``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value.is_integer() or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(value)
 
 
 def add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:
@@ -31,7 +44,7 @@ def train_main(argv: list[str] | None = None) -> int:
     add_override_argument(parser, "override a config key (repeatable)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--total-timesteps", type=int)
+    parser.add_argument("--total-timesteps", type=_count, help="e.g. 100000 or 1e5")
     parser.add_argument("--threads", type=int, help="torch threads (default: auto)")
     parser.add_argument(
         "--log-dir", help="run directory (default runs/<env>_<algo>_s<seed>_<time>)"
@@ -53,6 +66,11 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         if args.resume:
+            if args.config is not None:
+                raise ValueError(
+                    "--config cannot be combined with --resume: a resumed run keeps its "
+                    "checkpoint's config (change single keys with --set KEY=VALUE)"
+                )
             extra = dict(parse_override(o) for o in overrides)
             trainer = trainer_from_checkpoint(args.resume, extra, args.log_dir)
         else:
@@ -73,8 +91,18 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"run directory: {trainer.run_dir}  (tensorboard --logdir {trainer.run_dir.parent})")
         how = "auto" if trainer.cfg.threads is None else "set"
         print(f"torch threads: {trainer.threads} ({how}; --threads N to choose)")
+        cfg = trainer.cfg
+        batch = cfg.n_envs * cfg.n_steps * trainer.world_size
+        if cfg.total_timesteps % batch:
+            end = -(-cfg.total_timesteps // batch) * batch
+            print(
+                f"note: total_timesteps {cfg.total_timesteps} is not a multiple of the batch "
+                f"({batch} = n_envs x n_steps x ranks): the run ends at {end}"
+            )
     try:
         result = trainer.train()
+    except TrainingInterrupted as stopped:
+        return stopped.exit_code
     except KeyboardInterrupt:
         return 130
     except DistributedError as err:
@@ -82,7 +110,9 @@ def train_main(argv: list[str] | None = None) -> int:
         exit_after_failure(1)
     finally:
         shutdown()
-    returns = [r for _, r, _ in result.episodes[-100:]]
+    log = trainer.run_dir / "episodes.csv"  # the whole run's, resumed parts included
+    episodes = read_episodes(log) if main and log.exists() else result.episodes
+    returns = [r for _, r, _ in episodes[-100:]]
     mean = f"{np.mean(returns):.1f}" if returns else "n/a"
     who = f"rank 0 of {trainer.world_size}: " if trainer.world_size > 1 else ""
     if main:
@@ -107,20 +137,26 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     try:
         if args.episodes <= 0:
             raise ValueError(f"--episodes must be > 0, got {args.episodes}")
-        payload = load_checkpoint(args.checkpoint)
+        payload = load_checkpoint(args.checkpoint, required=("policy", "normalizer", "config"))
         cfg = from_dict(payload["config"])
         device = resolve_device(args.device)
+        envs = make_vec_env(cfg.env_id, 1, cfg.vec_env, cfg.frame_stack)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    envs = make_vec_env(cfg.env_id, 1, cfg.vec_env, cfg.frame_stack)
-    obs_space = envs.single_observation_space
-    assert obs_space.shape is not None
-    policy = ActorCritic(obs_space, envs.single_action_space, cfg.policy_spec()).to(device)
-    policy.load_state_dict(payload["policy"])
+    try:
+        obs_space = envs.single_observation_space
+        assert obs_space.shape is not None
+        policy = ActorCritic(obs_space, envs.single_action_space, cfg.policy_spec()).to(device)
+        restore(policy, payload["policy"], "policy")
+        check_finite(policy, args.checkpoint)
+        norm = Normalizer(obs_space.shape, 1, cfg.gamma, cfg.normalize_obs, False)
+        restore(norm, payload["normalizer"], "normalizer")
+    except ValueError as err:
+        envs.close()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     policy.eval()
-    norm = Normalizer(obs_space.shape, 1, cfg.gamma, cfg.normalize_obs, False)
-    norm.load_state_dict(payload["normalizer"])
     norm.training = False
     space = envs.single_action_space
     returns: list[float] = []

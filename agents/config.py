@@ -9,7 +9,9 @@ in configs/ say where they differ.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ import yaml
 from agents.networks import Activation, Arch, PolicySpec
 from rl_kfac import ConvApprox, DampingMode
 from rl_kfac.curvature import InverseMode
+from rl_kfac.optimizer import MAX_LR
 
 Algo = Literal["acktr", "ppo_kfac"]
 VecEnvKind = Literal["auto", "sync", "async", "native"]  # auto: native for ALE ids, else sync
@@ -126,9 +129,15 @@ class Config:
             "damping_rate",
             "damping_min",
         )
+        for name in TYPES:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.lr > MAX_LR:
+            raise ValueError(f"lr must be <= {MAX_LR:g}, got {self.lr}")
         for name, kind in TYPES.items():
             allowed = _choices(kind)
             if allowed and getattr(self, name) not in allowed:
@@ -196,6 +205,11 @@ def _coerce(name: str, value: Any) -> Any:
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         return value
+    if kind in (int, float) and isinstance(value, str):  # YAML reads 1e5 and 1e-3 as strings
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1e5, 100000.0
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = {
         int: isinstance(value, int) and not isinstance(value, bool),

@@ -151,7 +151,13 @@ class ActorCritic(nn.Module):
             out, self.discrete = int(action_space.shape[0]), False
         else:
             raise ValueError(f"unsupported action space {action_space}: use Discrete or a 1-D Box")
-        assert obs_space.shape is not None
+        if not isinstance(obs_space, gym.spaces.Box):
+            raise ValueError(f"unsupported observation space {obs_space}: use a Box")
+        if spec.arch == "cnn" and (len(obs_space.shape) != 3 or obs_space.shape[1:] != (84, 84)):
+            raise ValueError(
+                f"arch 'cnn' (the Nature CNN) needs (C, 84, 84) images; observations here have "
+                f"shape {obs_space.shape} (use arch 'mlp')"
+            )
         self.shared: nn.Module | None = None
         self.actor: nn.Module = nn.Identity()
         self.critic: nn.Module = nn.Identity()

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ from tqdm import tqdm
 
 from agents.acktr import ACKTR
 from agents.algorithm import KFACAlgorithm, Stats
-from agents.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from agents.checkpoint import (
+    load_checkpoint,
+    restore,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from agents.config import Config, from_dict, to_yaml
 from agents.envs import check_env_id, make_vec_env
 from agents.episode_log import EpisodeLog
@@ -27,7 +34,8 @@ from agents.networks import ActorCritic
 from agents.normalize import Normalizer
 from agents.ppo_kfac import PPOKFAC
 from agents.rollout import RolloutCollector
-from rl_kfac.distributed import init_distributed
+from agents.signals import StopSignals, TrainingInterrupted
+from rl_kfac.distributed import average_scalar, init_distributed
 from rl_kfac.threads import auto_threads, idle_cores
 
 ALGORITHMS: dict[str, type[KFACAlgorithm]] = {"acktr": ACKTR, "ppo_kfac": PPOKFAC}
@@ -108,6 +116,8 @@ class Trainer:
         # Everything that can reject the input runs before anything is written.
         self.cfg = cfg.validate()
         run_dir = Path(run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"run directory {run_dir} is a file")
         if resume is None and run_dir.exists() and any(run_dir.iterdir()):
             raise ValueError(
                 f"run directory {run_dir} is not empty; pass --resume {run_dir}/last.pt "
@@ -143,9 +153,13 @@ class Trainer:
         self.timesteps = self.updates = 0
         env_seed = cfg.seed
         if resume is not None:
-            self.policy.load_state_dict(resume["policy"])
-            self.algo.optimizer.load_state_dict(resume["optimizer"])
-            self.normalizer.load_state_dict(resume["normalizer"])
+            try:
+                restore(self.policy, resume["policy"], "policy")
+                restore(self.algo.optimizer, resume["optimizer"], "optimizer state")
+                restore(self.normalizer, resume["normalizer"], "normalizer")
+            except ValueError:
+                self.envs.close()
+                raise
             self.timesteps, self.updates = int(resume["timesteps"]), int(resume["updates"])
             set_rng_state(resume["rng"])  # rank 0's: other ranks re-seed below
             env_seed = cfg.seed + self.updates  # fresh episodes, not the ones already seen
@@ -195,9 +209,9 @@ class Trainer:
     def save(self, name: str = "last.pt") -> Path:
         path = self.run_dir / name
         if self.rank == 0:  # all ranks hold the same weights and optimizer state
-            save_checkpoint(path, self.state())
-            if self.episode_log is not None:
+            if self.episode_log is not None:  # every episode up to the checkpoint is on disk
                 self.episode_log.flush()
+            save_checkpoint(path, self.state())
         return path
 
     # -- the loop -----------------------------------------------------------------------------
@@ -215,35 +229,52 @@ class Trainer:
         start_steps = self.timesteps
         next_checkpoint = (self.timesteps // cfg.checkpoint_interval + 1) * cfg.checkpoint_interval
         try:
-            while self.timesteps < cfg.total_timesteps:
-                batch = self.collector.collect()
-                self.timesteps += len(batch) * self.world_size
-                t0 = time.perf_counter()
-                stats = self.algo.update(batch, self.timesteps / cfg.total_timesteps)
-                result.update_time += time.perf_counter() - t0
-                self.updates += 1
-                finished = [(start_steps + s, r, n) for s, r, n in self.collector.finished]
-                self.collector.finished.clear()
-                result.episodes += finished
-                if self.episode_log is not None:
-                    self.episode_log.append(finished)
-                fps = (self.timesteps - start_steps) / (time.perf_counter() - start)
-                if self.updates % cfg.log_interval == 0 and self.writer is not None:
-                    self._log(self.writer, stats, fps)
-                bar.update(len(batch) * self.world_size)
-                if self.collector.episode_returns:
-                    ep = float(np.mean(self.collector.episode_returns))
-                    bar.set_postfix(fps=f"{fps:.0f}", ep_rew=f"{ep:.1f}", refresh=False)
-                if self.timesteps >= next_checkpoint:
-                    self.save()
-                    next_checkpoint += cfg.checkpoint_interval
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: checkpoint saved to {self.save()}", file=sys.stderr)
+            with StopSignals() as stop:
+                while self.timesteps < cfg.total_timesteps:
+                    batch = self.collector.collect()
+                    steps = len(batch) * self.world_size
+                    t0 = time.perf_counter()
+                    progress = (self.timesteps + steps) / cfg.total_timesteps
+                    stats = self.algo.update(batch, progress)
+                    result.update_time += time.perf_counter() - t0
+                    # counted once the update is done: a checkpoint never holds half of one
+                    self.timesteps += steps
+                    self.updates += 1
+                    # the collector counts this rank's steps; timesteps count every rank's
+                    finished = [
+                        (start_steps + s * self.world_size, r, n)
+                        for s, r, n in self.collector.finished
+                    ]
+                    self.collector.finished.clear()
+                    result.episodes += finished
+                    if self.episode_log is not None:
+                        self.episode_log.append(finished)
+                    fps = (self.timesteps - start_steps) / (time.perf_counter() - start)
+                    if self.updates % cfg.log_interval == 0 and self.writer is not None:
+                        self._log(self.writer, stats, fps)
+                    bar.update(steps)
+                    if self.collector.episode_returns:
+                        ep = float(np.mean(self.collector.episode_returns))
+                        bar.set_postfix(fps=f"{fps:.0f}", ep_rew=f"{ep:.1f}", refresh=False)
+                    if self.timesteps >= next_checkpoint:
+                        self.save()
+                        next_checkpoint += cfg.checkpoint_interval
+                    if self._stop_requested(stop):
+                        raise TrainingInterrupted(stop.received or signal.SIGTERM, str(self.save()))
+        except TrainingInterrupted as stopped:
+            print(f"\nstopped by {stopped}", file=sys.stderr)
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C: the update in progress is not saved
+            print(
+                f"\ninterrupted: the last checkpoint is {self.run_dir / 'last.pt'}", file=sys.stderr
+            )
             raise
         finally:
             bar.close()
             if self.writer is not None:
                 self.writer.flush()
+            if self.episode_log is not None:
+                self.episode_log.flush()
         self.save()
         self.close()
         result.timesteps = self.timesteps
@@ -252,6 +283,12 @@ class Trainer:
             summary = {**result.summary(), "threads": self.threads, "max_rss_mib": _max_rss_mib()}
             (self.run_dir / "result.json").write_text(json.dumps(summary, indent=1))
         return result
+
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        """Whether a stop signal arrived (on any rank: all stop after the same update)."""
+        if self.comm is None:
+            return stop.received is not None
+        return average_scalar(float(stop.received is not None), self.comm) > 0
 
     def _log(self, writer: SummaryWriter, stats: Stats, fps: float) -> None:
         step = self.timesteps
@@ -275,7 +312,28 @@ class Trainer:
 def trainer_from_checkpoint(
     path: str | Path, overrides: dict[str, Any] | None = None, run_dir: str | Path | None = None
 ) -> Trainer:
-    """Continue a run: config from the checkpoint (plus overrides, e.g. total_timesteps)."""
+    """Continue a run: config from the checkpoint (plus overrides, e.g. total_timesteps).
+
+    It continues in the checkpoint's own directory, or in ``run_dir`` if that is new or empty:
+    another run's files are never written over.
+    """
     payload = load_checkpoint(path)
+    own = Path(path).parent
+    target = Path(run_dir) if run_dir is not None else own
+    if (
+        target.resolve() != own.resolve()
+        and target.exists()
+        and (not target.is_dir() or any(target.iterdir()))
+    ):
+        raise ValueError(
+            f"{target} is not empty and is not the directory of {path}: a resumed run continues "
+            "in its own directory or in a new one"
+        )
     cfg = from_dict({**payload["config"], **(overrides or {})})
-    return Trainer(cfg, run_dir or Path(path).parent, resume=payload)
+    done = int(payload["timesteps"])
+    if cfg.total_timesteps <= done:
+        raise ValueError(
+            f"total_timesteps {cfg.total_timesteps} is not above the checkpoint's {done} steps: "
+            "nothing to train (--total-timesteps N to go on)"
+        )
+    return Trainer(cfg, target, resume=payload)

@@ -34,7 +34,7 @@ def pi_factor(a: Tensor, g: Tensor) -> Tensor:
 def denominators(e_g: Tensor, e_a: Tensor, pi: Tensor, damping: float, mode: DampingMode) -> Tensor:
     """Batched ``D`` for eigenvalues ``e_g (L, dg)``, ``e_a (L, da)`` and ``pi (L,)``."""
     if mode == "exact":
-        return torch.addcmul(e_g.new_tensor(damping), e_g.unsqueeze(2), e_a.unsqueeze(1))
+        return torch.addcmul(e_g.new_full((), damping), e_g.unsqueeze(2), e_a.unsqueeze(1))
     root = damping**0.5
     pi = pi.unsqueeze(1)
     return (e_g + root / pi).unsqueeze(2) * (e_a + root * pi).unsqueeze(1)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the math runs without torch.distributed; only a communicato
 
 Statistics = Literal["explicit", "empirical"]
 STATISTICS: tuple[Statistics, ...] = ("explicit", "empirical")
+MAX_LR = 1e6  # far above any K-FAC learning rate; larger ones overflow float32 updates
 HostSync = Literal["auto", "step", "log"]
 HOST_SYNCS: tuple[HostSync, ...] = ("auto", "step", "log")
 
@@ -81,11 +82,16 @@ class KFAC(Optimizer):
             the factors and are swapped in at the next step, so the eigenbases lag by one step
             (deterministic; see :class:`rl_kfac.curvature.Curvature`). One process only.
         host_sync: ``"step"`` — the step reads its trust-region quantities on the host (exact,
-            and free on a CPU); ``"log"`` — ν, the skip decision and the skipped-step counter
-            stay on the parameters' device, so a step on an accelerator never waits for it:
-            the host reads them only when :attr:`diagnostics` or :attr:`counters` are read
-            (e.g. every ``log_interval``), and the skipped-step warning comes then. ``"auto"``
-            (default): ``"step"`` on CPU, ``"log"`` elsewhere. The two agree to rounding.
+            and free on a CPU); ``"log"`` — ν, the skip decision, the statistics' finiteness
+            check and the skipped counters stay on the parameters' device, so a step on an
+            accelerator does not wait for them: the host reads them only when
+            :attr:`diagnostics` or :attr:`counters` are read (e.g. every ``log_interval``), and
+            the skipped-step warning comes then. ``"auto"`` (default): ``"log"`` on CUDA,
+            ``"step"`` elsewhere, decided at each step from the parameters' device (SB3 moves
+            the policy after making its optimizer). The two agree to rounding. Still read on
+            the host: a layer's first factors, and in ``inverse_mode="sync"`` the status of due
+            eigendecompositions (every ``inverse_update_interval`` steps; the background mode
+            runs them on a side stream).
         communicator: a :class:`rl_kfac.distributed.Communicator` for data-parallel training:
             factors are averaged across ranks and eigendecompositions shared out (gradients are
             the caller's: :func:`rl_kfac.distributed.allreduce_gradients`). ``None``: one process.
@@ -118,12 +124,18 @@ class KFAC(Optimizer):
         inverse_mode: InverseMode = "sync",
         host_sync: HostSync = "auto",
     ) -> None:
-        _check(lr > 0, f"lr must be > 0, got {lr}")
+        _check(0 < lr <= MAX_LR, f"lr must be in (0, {MAX_LR:g}], got {lr}")
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         _check(0 <= stat_decay < 1, f"stat_decay must be in [0, 1), got {stat_decay}")
-        _check(damping > 0, f"damping must be > 0, got {damping}")
-        _check(kl_clip is None or kl_clip > 0, f"kl_clip must be > 0 or None, got {kl_clip}")
-        _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        _check(0 < damping < math.inf, f"damping must be > 0 and finite, got {damping}")
+        _check(
+            kl_clip is None or 0 < kl_clip < math.inf,
+            f"kl_clip must be > 0 and finite, or None, got {kl_clip}",
+        )
+        _check(
+            0 <= weight_decay < math.inf,
+            f"weight_decay must be >= 0 and finite, got {weight_decay}",
+        )
         for name, value in (
             ("factor_update_interval", factor_update_interval),
             ("inverse_update_interval", inverse_update_interval),
@@ -172,15 +184,13 @@ class KFAC(Optimizer):
             self._capture.start_discovery(p for g in self.param_groups for p in g["params"])
         self.statistics_rows = statistics_rows
         self.host_sync: HostSync = host_sync
-        first = self.param_groups[0]["params"][0]
-        self._sync_free = host_sync == "log" or (host_sync == "auto" and first.device.type != "cpu")
         self._factors = FactorStore(
             self._param_state,
             stat_decay,
             factor_dtype,
             communicator,
             statistics_rows,
-            host_check=not self._sync_free,
+            host_check={"step": True, "log": False, "auto": None}[host_sync],
         )
         self.inverse_mode: InverseMode = inverse_mode
         self._curvature = Curvature(self._factors, communicator, inverse_mode)
@@ -270,15 +280,17 @@ class KFAC(Optimizer):
             quads.append(quad)
         self._steps += 1
         self._capture.arm(self._steps % self.factor_update_interval == 0)
-        if self._sync_free:
-            device = self.param_groups[0]["params"][0].device
+        lrs = [g["lr"] for g in self.param_groups]
+        if not all(0 <= lr <= MAX_LR for lr in lrs):  # e.g. a schedule gone wrong
+            self._skip(f"learning rate {lrs} is not in [0, {MAX_LR:g}]")
+            return loss
+        device = self.param_groups[0]["params"][0].device
+        if self.host_sync == "log" or (self.host_sync == "auto" and device.type == "cuda"):
             self._step_on_device([q.to(device) for q in quads], layout, directions)
             return loss
         quad_values = torch.stack([q.to(quads[0].device) for q in quads]).tolist()  # one sync
         if not all(math.isfinite(q) for q in quad_values):
-            self._skipped_steps.value += 1
-            self._warn_once("step", SKIPPED_STEP)
-            self._last = (math.nan, math.nan)
+            self._skip("non-finite gradient or update")
             return loss
 
         nu = 1.0
@@ -292,6 +304,11 @@ class KFAC(Optimizer):
         self._last = (nu, sum(quad_values))
         return loss
 
+    def _skip(self, why: str) -> None:
+        self._skipped_steps.value += 1
+        self._warn_once(f"step {why}", f"{why}: K-FAC step skipped")
+        self._last = (math.nan, math.nan)
+
     def _step_on_device(
         self,
         quads: list[Tensor],
@@ -299,7 +316,8 @@ class KFAC(Optimizer):
         directions: list[tuple[list[Tensor], list[Tensor]]],
     ) -> None:
         """The end of :meth:`step` without a host read: ν and the skip decision as tensors."""
-        q = torch.stack(quads).double()
+        wide = torch.float32 if quads[0].device.type == "mps" else torch.float64  # mps: no fp64
+        q = torch.stack(quads).to(wide)
         finite = q.isfinite().all()
         nu = torch.ones((), dtype=q.dtype, device=q.device)
         if self.kl_clip is not None:
@@ -375,6 +393,7 @@ class KFAC(Optimizer):
 
     def set_damping(self, value: float) -> None:
         """Set λ of every parameter group."""
+        _check(0 < value < math.inf, f"damping must be > 0 and finite, got {value}")
         for group in self.param_groups:
             group["damping"] = value
 
@@ -420,7 +439,7 @@ class KFAC(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         self._finish_pending()
         sd = super().state_dict()
-        sd["kfac"] = {k: torch.tensor(v) for k, v in self.counters.items()}
+        sd["kfac"] = {k: torch.tensor(v) for k, v in self.counters.items()}  # settles them
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -433,7 +452,7 @@ class KFAC(Optimizer):
                 if key in state:
                     state[key] = state[key].to(self.factor_dtype)
         if counters is not None:
-            c = {k: int(counters.get(k, 0)) for k in self.counters}
+            c = {k: int(counters.get(k, 0)) for k in COUNTERS}
             self._steps, self._skipped_steps = c["steps"], LazyCount(c["skipped_steps"])
             self._factors.load_counters(c["statistics_updates"], c["skipped_statistics"])
             self._curvature.load_counters(c["inverse_updates"], c["eig_failures"])
@@ -462,6 +481,14 @@ class KFAC(Optimizer):
 
 
 SKIPPED_STEP = "non-finite gradient or update: K-FAC step skipped"
+COUNTERS = (
+    "steps",
+    "statistics_updates",
+    "inverse_updates",
+    "skipped_steps",
+    "skipped_statistics",
+    "eig_failures",
+)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -516,7 +543,8 @@ def _apply_gated(
     lr, mom = group["lr"], group["momentum"]
     if not params:
         return
-    dtype = params[0].dtype
+    finite, nu = finite.to(params[0].device), nu.to(params[0].device)  # device to device
+    dtype = torch.promote_types(params[0].dtype, torch.float32)  # coefficients: no fp16 lr
 
     def gated(value: float, otherwise: float) -> Tensor:  # made on the device: no copy to it
         return torch.where(

@@ -88,7 +88,7 @@ class FactorStore:
         host_check: ``True`` — a non-finite update is detected on the host before it is
             folded in; ``False`` — on the device: the fold then keeps the old factors, and
             :attr:`skipped` reads the device's count (a layer's first factors are always
-            checked on the host).
+            checked on the host); ``None`` — on the host for CPU factors, else on the device.
     """
 
     def __init__(
@@ -98,7 +98,7 @@ class FactorStore:
         dtype: torch.dtype,
         communicator: Communicator | None = None,
         max_rows: int | None = None,
-        host_check: bool = True,
+        host_check: bool | None = None,
     ) -> None:
         self.state_of = state_of
         self.host_check = host_check
@@ -136,7 +136,8 @@ class FactorStore:
     def _fold(self, blocks: list[Block], factors: list[Tensor]) -> None:
         finite = torch.stack(torch._foreach_norm(factors)).isfinite().all()
         first = any("A" not in self.state_of(b.weight) for b in blocks)
-        if (self.host_check or first) and not bool(finite):
+        on_host = self.host_check if self.host_check is not None else finite.device.type == "cpu"
+        if (on_host or first) and not bool(finite):
             self._skipped.value += 1
             self._warn_skipped()
             return
@@ -145,13 +146,13 @@ class FactorStore:
             if "A" not in state:  # the running average starts at the first batch
                 state["A"], state["G"] = new_a.clone(), new_g.clone()
                 self._new_blocks = True
-            elif self.host_check:
+            elif on_host:
                 state["A"].lerp_(new_a, 1.0 - self.stat_decay)
                 state["G"].lerp_(new_g, 1.0 - self.stat_decay)
             else:  # a non-finite update moves toward the old factors: they stay as they were
                 state["A"].lerp_(torch.where(finite, new_a, state["A"]), 1.0 - self.stat_decay)
                 state["G"].lerp_(torch.where(finite, new_g, state["G"]), 1.0 - self.stat_decay)
-        if not self.host_check:
+        if not on_host:
             self._skipped.add_flag(~finite)
         self.updates += 1
 

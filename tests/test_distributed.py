@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from agents.checkpoint import load_checkpoint
 from rl_kfac import KFAC
 from rl_kfac.distributed import (
     Communicator,
@@ -270,9 +271,10 @@ def test_training_on_two_ranks_keeps_them_identical_and_resumes(tmp_path):
     assert [r["steps"] for r in results] == [3200, 3200]  # 4 envs x 20 steps x 2 ranks / update
     assert_ranks_identical(results)
     files = sorted(p.name for p in (tmp_path / "run").iterdir())  # rank 0 alone writes
-    assert files[0] == "config.yaml" and files[2:] == ["last.pt", "result.json"]
-    assert files[1].startswith("events.out.tfevents")
-    ckpt = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert files[:2] == ["config.yaml", "episodes.csv"]
+    assert files[3:] == ["last.pt", "result.json"]
+    assert files[2].startswith("events.out.tfevents")
+    ckpt = load_checkpoint(tmp_path / "run/last.pt")
     assert ckpt["timesteps"] == 3200 and ckpt["updates"] == 20
     for p, q in zip(ckpt["policy"].values(), results[0]["params"]):
         assert torch.equal(p, q)
@@ -281,7 +283,7 @@ def test_training_on_two_ranks_keeps_them_identical_and_resumes(tmp_path):
     resumed = rank_results(tmp_path)
     assert [r["steps"] for r in resumed] == [4800, 4800]
     assert_ranks_identical(resumed)
-    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["updates"] == 30
+    assert load_checkpoint(tmp_path / "run/last.pt")["updates"] == 30
 
 
 def test_torchrun_runs_the_training_script(tmp_path):

@@ -1,0 +1,220 @@
+"""Faults and bad input: one line and exit 2 before anything is written, nothing that exists is
+lost, no parameter ever becomes non-finite, and a stopped run resumes to the same step counts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agents import checkpoint as ckpt
+from agents.cli import evaluate_main, train_main
+from agents.config import load_config
+from agents.episode_log import read_episodes
+from rl_kfac import KFAC
+
+CARTPOLE = "configs/acktr/cartpole.yaml"
+SMALL = ["--set", "n_envs=2", "--set", "n_steps=8", "--no-progress"]
+
+
+def digest(path: Path) -> dict[str, str]:
+    """Name → SHA-256 of every file under ``path``."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def train(run: Path, steps: int, *extra: str) -> int:
+    args = ["--config", CARTPOLE, "--log-dir", str(run), "--total-timesteps", str(steps)]
+    return train_main([*args, *SMALL, *extra])
+
+
+@pytest.fixture
+def finished_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "a"
+    assert train(run, 160) == 0
+    return run
+
+
+def one_line_error(capsys, code: int, text: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert text in err and "\n" not in err, err
+
+
+# -- nothing that exists is overwritten ------------------------------------------------------------
+def test_resuming_into_another_runs_directory_is_refused(finished_run, tmp_path, capsys):
+    other = tmp_path / "b"
+    assert train(other, 320) == 0
+    before = digest(other)
+    code = train_main(["--resume", str(finished_run / "last.pt"), "--log-dir", str(other)])
+    one_line_error(capsys, code, "is not the directory of")
+    assert digest(other) == before
+
+
+def test_resume_with_config_or_without_steps_left_is_refused(finished_run, capsys):
+    before = digest(finished_run)
+    last = str(finished_run / "last.pt")
+    code = train_main(["--resume", last, "--config", "configs/acktr/lunarlander.yaml"])
+    one_line_error(capsys, code, "--config cannot be combined with --resume")
+    one_line_error(capsys, train_main(["--resume", last]), "nothing to train")
+    code = train_main(["--resume", last, "--total-timesteps", "80"])
+    one_line_error(capsys, code, "is not above the checkpoint's 160 steps")
+    assert digest(finished_run) == before
+
+
+def test_log_dir_naming_a_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    one_line_error(capsys, train(path, 160), "is a file")
+    assert path.read_text() == "mine"
+
+
+# -- one line, before anything is written ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["env_id=Blackjack-v1"], "unsupported observation space Tuple"),
+        (["env_id=FrozenLake-v1"], "unsupported observation space Discrete"),
+        (["arch=cnn"], "needs (C, 84, 84) images"),
+        (["lr=.inf"], "lr must be finite"),
+        (["damping=.inf"], "damping must be finite"),
+        (["lr=.nan"], "lr must be finite"),
+        (["lr=1.0e+200"], "lr must be <= 1e+06"),
+    ],
+)
+def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, capsys, overrides, message):
+    run = tmp_path / "run"
+    sets = [x for o in overrides for x in ("--set", o)]
+    one_line_error(capsys, train(run, 160, *sets), message)
+    assert not run.exists()
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line(finished_run, tmp_path, capsys):
+    last = finished_run / "last.pt"
+    before = digest(finished_run)
+    code = train_main(["--resume", str(last), "--set", "hidden=[32]", "--total-timesteps", "320"])
+    one_line_error(capsys, code, "the checkpoint's policy does not fit this run")
+    payload = ckpt.load_checkpoint(last)
+    payload["config"]["hidden"] = [16, 16]  # a checkpoint whose network is not its config's
+    ckpt.save_checkpoint(tmp_path / "odd.pt", payload)
+    one_line_error(capsys, evaluate_main([str(tmp_path / "odd.pt")]), "does not fit this run")
+    del payload["optimizer"]
+    payload["config"]["hidden"] = [64, 64]
+    ckpt.save_checkpoint(tmp_path / "x" / "no_opt.pt", payload)
+    code = train_main(["--resume", str(tmp_path / "x" / "no_opt.pt"), "--total-timesteps", "320"])
+    one_line_error(capsys, code, "lacks optimizer")
+    assert digest(finished_run) == before
+
+
+def test_flipped_bytes_in_a_checkpoint_are_detected(finished_run, tmp_path, capsys):
+    data = bytearray((finished_run / "last.pt").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"corrupted|unreadable"):
+        ckpt.load_checkpoint(bad)
+    one_line_error(capsys, evaluate_main([str(bad)]), str(bad))
+
+
+def test_a_nan_policy_is_not_evaluated(finished_run, tmp_path, capsys):
+    payload = ckpt.load_checkpoint(finished_run / "last.pt")
+    next(iter(payload["policy"].values())).fill_(float("nan"))
+    ckpt.save_checkpoint(tmp_path / "nan.pt", payload)
+    one_line_error(capsys, evaluate_main([str(tmp_path / "nan.pt")]), "non-finite parameters")
+
+
+def test_counts_in_float_notation_are_accepted_and_rounding_is_announced(tmp_path, capsys):
+    assert load_config(CARTPOLE, ["total_timesteps=1e5", "lr=1e-3"]).total_timesteps == 100_000
+    args = ["--config", CARTPOLE, "--log-dir", str(tmp_path / "run"), "--total-timesteps", "2e2"]
+    assert train_main([*args, *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "not a multiple of the batch (16 = n_envs x n_steps x ranks): the run ends at 208" in out
+    with pytest.raises(ValueError, match="total_timesteps must be int"):
+        load_config(CARTPOLE, ["total_timesteps=12.5"])
+
+
+# -- numerics ---------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:learning rate")
+def test_the_optimizer_rejects_infinite_settings_and_skips_an_infinite_lr():
+    model = nn.Linear(3, 2)
+    bad = (
+        {"lr": float("inf")},
+        {"lr": 1e200},
+        {"damping": float("inf")},
+        {"kl_clip": float("nan")},
+    )
+    for kwargs in bad:
+        with pytest.raises(ValueError):
+            KFAC(model, **kwargs)
+    opt = KFAC(model)
+    with pytest.raises(ValueError, match="damping"):
+        opt.set_damping(float("inf"))
+    x = torch.randn(8, 3)
+    for lr in (float("inf"), 1e200, float("nan")):  # a schedule gone wrong
+        opt.param_groups[0]["lr"] = lr
+        opt.fisher_backward(F.cross_entropy(model(x), torch.randint(0, 2, (8,))))
+        opt.zero_grad()
+        F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+        opt.step()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.counters["skipped_steps"] == 3
+
+
+# -- signals ----------------------------------------------------------------------------------
+def run_and_signal(run: Path, sig: int, steps: int) -> tuple[int, str]:
+    """Start a training subprocess, send ``sig`` once it is past its first checkpoint."""
+    cmd = [
+        sys.executable,
+        "scripts/train.py",
+        "--config",
+        CARTPOLE,
+        "--log-dir",
+        str(run),
+        "--total-timesteps",
+        str(steps),
+        "--set",
+        "checkpoint_interval=800",
+        *SMALL,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_after_a_whole_update_and_resume_reaches_the_same_counts(tmp_path, sig):
+    run = tmp_path / "run"
+    code, err = run_and_signal(run, sig, 200_000)
+    assert code == 128 + sig, err
+    assert "checkpoint saved" in err
+    payload = ckpt.load_checkpoint(run / "last.pt")
+    steps, updates = int(payload["timesteps"]), int(payload["updates"])
+    assert steps == updates * 16 and 800 <= steps < 200_000  # whole updates only
+    assert all(s <= steps for s, _, _ in read_episodes(run / "episodes.csv"))
+    target = steps + 160
+    assert train_main(["--resume", str(run / "last.pt"), "--total-timesteps", str(target)]) == 0
+    assert train(tmp_path / "straight", target, "--set", "checkpoint_interval=800") == 0
+    resumed = ckpt.load_checkpoint(run / "last.pt")
+    straight = ckpt.load_checkpoint(tmp_path / "straight" / "last.pt")
+    for key in ("timesteps", "updates"):
+        assert int(resumed[key]) == int(straight[key])
+    counters = {k: int(v) for k, v in resumed["optimizer"]["kfac"].items()}
+    assert counters == {k: int(v) for k, v in straight["optimizer"]["kfac"].items()}
