@@ -66,7 +66,10 @@ class _DiscoveryHook:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         cap = self.capture
-        if module in cap.blocks or not is_supported(module):
+        if module in cap.blocks:
+            return
+        if not is_supported(module):
+            cap.note_unsupported(module, f"{type(module).__name__.lower()}")
             return
         weight = getattr(module, "weight", None)
         if weight is None or id(weight) not in cap.wanted:
@@ -171,6 +174,8 @@ class StatisticsCapture:
             return None
         bias = getattr(module, "bias", None)
         has_bias = isinstance(bias, Tensor) and bias.requires_grad
+        if has_bias and self.discovering and id(bias) not in self.wanted:
+            has_bias = False  # not the optimizer's: a constant of the layer, as a frozen bias is
         try:
             block = make_block(module, name, has_bias, self.conv_approx)
         except ValueError as err:
@@ -186,8 +191,28 @@ class StatisticsCapture:
 
     def add_model(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
+            name = name or type(module).__name__.lower()
             if is_supported(module):
-                self.add_module(module, name or type(module).__name__.lower())
+                self.add_module(module, name)
+            else:
+                self.note_unsupported(module, name)
+
+    def note_unsupported(self, module: nn.Module, name: str) -> None:
+        """Name a layer (a module without submodules) whose trainable parameters K-FAC cannot
+        precondition: they get the plain gradient. Containers' own parameters (e.g. a Gaussian
+        policy's log-std) are not layers."""
+        if next(module.children(), None) is not None:
+            return
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if self.discovering:
+            own = [p for p in own if id(p) in self.wanted]
+        if not own:
+            return
+        self.unsupported.append(
+            f"{name}: {type(module).__name__} has no K-FAC block (supported: Linear, Conv2d)"
+        )
+        for p in own:
+            self.wanted.discard(id(p))
 
     def start_discovery(self, params: Iterable[Tensor]) -> None:
         """Find owners of ``params`` on the next forward passes (a temporary global hook)."""

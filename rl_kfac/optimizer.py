@@ -200,6 +200,7 @@ class KFAC(Optimizer):
         self._last: tuple[float | Tensor, float | Tensor] = (1.0, 0.0)
         self._known_blocks = -1  # number of layers found when the layout was last checked
         self._warned: set[str] = set()
+        self._warn_unsupported()  # layers of a model given whole are known now
 
     def _param_state(self, p: Tensor) -> dict[str, Any]:
         return self.state[p]
@@ -226,6 +227,11 @@ class KFAC(Optimizer):
         cap = self._capture
         if not cap.armed:
             return
+        if not fisher_loss.requires_grad:
+            raise ValueError(
+                "fisher_backward: the Fisher loss has no graph (was its forward pass run under "
+                "torch.no_grad()?)"
+            )
         log = cap.take_forward_log()
         # Stop at the outputs of the first layers; where an in-place op changed such an output
         # since (its hook sits on the old version), go through the layer's weight instead.
@@ -371,8 +377,7 @@ class KFAC(Optimizer):
         cap = self._capture
         if cap.discovering and cap.blocks:
             cap.end_discovery()
-        for message in cap.unsupported:
-            self._warn_once(message, message + "; its parameters get the plain gradient")
+        self._warn_unsupported()
         if self._known_blocks == len(cap.blocks):
             return
         self._known_blocks = len(cap.blocks)
@@ -417,6 +422,10 @@ class KFAC(Optimizer):
         """The last step's ν and quadratic form, the damping λ now, and the counters."""
         nu, quad = self._last
         return Diagnostics(float(nu), float(quad), self.damping, **self.counters)
+
+    def _warn_unsupported(self) -> None:
+        for message in self._capture.unsupported:
+            self._warn_once(message, message + "; its parameters get the plain gradient")
 
     def _warn_once(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)

@@ -218,3 +218,61 @@ def test_a_stop_signal_saves_after_a_whole_update_and_resume_reaches_the_same_co
         assert int(resumed[key]) == int(straight[key])
     counters = {k: int(v) for k, v in resumed["optimizer"]["kfac"].items()}
     assert counters == {k: int(v) for k, v in straight["optimizer"]["kfac"].items()}
+
+
+# -- layers K-FAC cannot precondition are named ---------------------------------------------------
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lstm = nn.Embedding(10, 4), nn.LSTM(4, 8, batch_first=True)
+        self.conv1d, self.fc = nn.Conv1d(8, 8, 1), nn.Linear(8, 3)
+        self.log_std = nn.Parameter(torch.zeros(3))  # a container's own parameter: not a layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.emb(x))
+        return self.fc(self.conv1d(h.transpose(1, 2)).mean(-1)) + self.log_std
+
+
+def names_in(record) -> set[str]:
+    return {str(w.message).split(":")[0] for w in record if "no K-FAC block" in str(w.message)}
+
+
+@pytest.mark.parametrize("given", ["model", "parameters"])
+def test_every_layer_without_a_block_is_named_in_a_warning(given):
+    model = Mixed()
+    with pytest.warns(RuntimeWarning) as record:
+        opt = KFAC(model if given == "model" else list(model.parameters()))
+        x = torch.randint(0, 10, (5, 7))
+        out = model(x)
+        opt.fisher_backward(F.cross_entropy(out, torch.randint(0, 3, (5,))))
+        opt.zero_grad()
+        F.cross_entropy(out, torch.zeros(5, dtype=torch.long)).backward()
+        opt.step()
+    expected = {"emb", "lstm", "conv1d"} if given == "model" else {"embedding", "lstm", "conv1d"}
+    assert names_in(record) == expected
+    assert [b.module for b in opt.blocks] == [model.fc]
+    assert all(w.filename == __file__ for w in record)  # they point at the caller
+
+
+def test_a_bias_left_out_of_the_optimizer_stays_fixed_and_the_weight_is_preconditioned():
+    layer = nn.Linear(3, 2)
+    bias = layer.bias.detach().clone()
+    opt = KFAC([layer.weight], kl_clip=None)
+    x = torch.randn(16, 3)
+    out = layer(x)
+    opt.fisher_backward(F.cross_entropy(out, torch.randint(0, 2, (16,))))
+    opt.zero_grad()
+    F.cross_entropy(out, torch.zeros(16, dtype=torch.long)).backward()
+    opt.step()
+    (block,) = opt.blocks
+    assert block.dim_a == 3  # no bias coordinate
+    assert torch.equal(layer.bias, bias)
+
+
+def test_fisher_backward_on_a_loss_without_a_graph_is_an_error():
+    layer = nn.Linear(3, 2)
+    opt = KFAC(layer)
+    with torch.no_grad():
+        out = layer(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"no_grad"):
+        opt.fisher_backward(F.cross_entropy(out, torch.zeros(4, dtype=torch.long)))
