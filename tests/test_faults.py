@@ -276,3 +276,13 @@ def test_fisher_backward_on_a_loss_without_a_graph_is_an_error():
         out = layer(torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"no_grad"):
         opt.fisher_backward(F.cross_entropy(out, torch.zeros(4, dtype=torch.long)))
+
+
+def test_sb3_classes_log_under_their_own_names_and_show_a_progress_bar(tmp_path):
+    from rl_kfac.sb3 import ACKTR, PPOKFAC
+
+    for cls in (ACKTR, PPOKFAC):
+        extra = {"batch_size": 8} if cls is PPOKFAC else {}
+        model = cls("MlpPolicy", "CartPole-v1", n_steps=8, tensorboard_log=str(tmp_path), **extra)
+        model.learn(16, progress_bar=True)
+        assert (tmp_path / f"{cls.__name__}_1").is_dir()

@@ -116,6 +116,13 @@ class _KFACTraining(_Algorithm):
         with self._kfac_update():
             super().train()
 
+    def learn(self, *args: Any, **kwargs: Any) -> Any:
+        """SB3's ``learn``; TensorBoard runs are named after this class (``ACKTR_1``), not the
+        base class, unless ``tb_log_name`` is given."""
+        if len(args) < 4:  # learn(total_timesteps, callback, log_interval, tb_log_name, ...)
+            kwargs.setdefault("tb_log_name", type(self).__name__)
+        return super().learn(*args, **kwargs)
+
     def __repr__(self) -> str:
         policy = getattr(self, "policy", None)
         optimizer = getattr(policy, "optimizer", None)
