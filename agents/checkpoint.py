@@ -72,6 +72,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # writes a killed process left
+        stale.unlink(missing_ok=True)
     return path
 
 

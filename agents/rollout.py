@@ -11,6 +11,7 @@ episode is not bootstrapped (Pardo et al. 2018, "Time Limits in Reinforcement Le
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -105,7 +106,10 @@ class RolloutCollector:
         self.episode_lengths: deque[int] = deque(maxlen=100)
         self.finished: list[tuple[int, float, int]] = []  # (timestep, return, length), drained
         self.timesteps = 0
+        self.nonfinite_inputs = 0  # environment steps whose observations or rewards had NaN/inf
+        self._warned: set[str] = set()
         raw, _ = envs.reset(seed=seed)
+        raw = self._finite(raw, "observations")
         # not added to the statistics: a resumed run starts from exactly the saved ones
         self.next_obs = self._to_device(self.normalizer.observations(raw, update=False))
 
@@ -134,6 +138,7 @@ class RolloutCollector:
             if self.box is not None:
                 env_action = np.clip(env_action, self.box.low, self.box.high)
             raw, reward, terminated, truncated, info = self.envs.step(env_action)
+            raw, reward = self._finite(raw, "observations"), self._finite(reward, "rewards")
             self.timesteps += self.n_envs
             ends = terminated | truncated
             self._record_episodes(info)
@@ -141,7 +146,7 @@ class RolloutCollector:
             self.ends[t] = ends
             cut = np.flatnonzero(truncated & ~terminated)
             if cut.size:
-                final = np.stack([info["final_obs"][i] for i in cut])
+                final = self._finite(np.stack([info["final_obs"][i] for i in cut]), "observations")
                 final = self.normalizer.observations(final, update=False)
                 _, final_values = self.policy(self._to_device(final))
                 self.bootstrap[t, torch.as_tensor(cut, device=self.device)] = final_values
@@ -162,6 +167,22 @@ class RolloutCollector:
             advantages=advantages.reshape(n),
             returns=returns.reshape(n),
         )
+
+    def _finite(self, x: np.ndarray, what: str) -> np.ndarray:
+        """``x`` with NaN/±inf entries set to 0 (counted in :attr:`nonfinite_inputs`, warned
+        once): they would otherwise poison the normaliser's statistics and every later step."""
+        if x.dtype.kind != "f" or np.isfinite(x).all():
+            return x
+        self.nonfinite_inputs += 1
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(
+                f"the environment returned non-finite {what}; they are replaced by 0 "
+                "(counted in rollout/nonfinite_inputs)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
     def _record_episodes(self, info: dict) -> None:
         for r, length in finished_episodes(info):

@@ -296,6 +296,7 @@ class Trainer:
             writer.add_scalar("rollout/ep_rew_mean", np.mean(self.collector.episode_returns), step)
             writer.add_scalar("rollout/ep_len_mean", np.mean(self.collector.episode_lengths), step)
         writer.add_scalar("time/fps", fps, step)
+        writer.add_scalar("rollout/nonfinite_inputs", self.collector.nonfinite_inputs, step)
         writer.add_scalar("time/threads", self.threads, step)
         # the only device->host reads: the optimizer's ν and counters too are read only here
         for key, value in {**stats, **self.algo.optimizer.diagnostics.scalars()}.items():

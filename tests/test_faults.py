@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from agents import checkpoint as ckpt
 from agents.cli import evaluate_main, train_main
 from agents.config import load_config
 from agents.episode_log import read_episodes
+from agents.trainer import Trainer
 from rl_kfac import KFAC
 
 CARTPOLE = "configs/acktr/cartpole.yaml"
@@ -286,3 +289,67 @@ def test_sb3_classes_log_under_their_own_names_and_show_a_progress_bar(tmp_path)
         model = cls("MlpPolicy", "CartPole-v1", n_steps=8, tensorboard_log=str(tmp_path), **extra)
         model.learn(16, progress_bar=True)
         assert (tmp_path / f"{cls.__name__}_1").is_dir()
+
+
+# -- non-finite input from the environment ------------------------------------------------------
+class Poisoned(gym.Env):
+    """CartPole-like toy whose observations and rewards are sometimes NaN or infinite."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.np_random.normal(size=3).astype(np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        obs = self.np_random.normal(size=3).astype(np.float32)
+        if self.t % 7 == 0:
+            obs[1] = np.nan
+        if self.t % 11 == 0:
+            obs[0] = -np.inf
+        reward = np.inf if self.t % 5 == 0 else float(action)
+        return obs, reward, False, self.t >= 30, {}
+
+
+def test_nan_and_inf_from_the_environment_never_reach_the_parameters(tmp_path):
+    if "Poisoned-v0" not in gym.registry:
+        gym.register("Poisoned-v0", entry_point=Poisoned)
+    overrides = ["env_id=Poisoned-v0", "n_envs=2", "n_steps=8", "total_timesteps=640"]
+    cfg = load_config(CARTPOLE, [*overrides, "normalize_obs=true"])
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        trainer = Trainer(cfg, tmp_path / "run", progress=False)
+        trainer.train()
+    assert trainer.collector.nonfinite_inputs > 0
+    assert all(torch.isfinite(p).all() for p in trainer.policy.parameters())
+    assert np.isfinite(trainer.normalizer.state_dict()["obs"]["mean"]).all()
+    assert trainer.algo.optimizer.counters["skipped_steps"] == 0  # nothing left to skip
+
+
+# -- SIGKILL at random points, checkpoint writes included ------------------------------------------
+def test_sigkill_at_random_points_leaves_a_loadable_checkpoint_that_resumes(tmp_path):
+    rng = np.random.default_rng(0)
+    cmd = [sys.executable, "scripts/train.py", "--config", CARTPOLE, "--total-timesteps", "1e6"]
+    cmd += ["--set", "checkpoint_interval=16", *SMALL]  # a checkpoint write every update
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for trial in range(3):
+        run = tmp_path / f"run{trial}"
+        proc = subprocess.Popen([*cmd, "--log-dir", str(run)], env=env, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0.0, 1.5)))
+        proc.kill()
+        proc.wait(timeout=60)
+        payload = ckpt.load_checkpoint(run / "last.pt")  # intact, whatever was being written
+        steps = int(payload["timesteps"])
+        assert steps == int(payload["updates"]) * 16
+        target = steps + 64
+        assert train_main(["--resume", str(run / "last.pt"), "--total-timesteps", str(target)]) == 0
+        resumed = ckpt.load_checkpoint(run / "last.pt")
+        assert int(resumed["timesteps"]) == target and int(resumed["updates"]) == target // 16
+        episodes = read_episodes(run / "episodes.csv")
+        assert [s for s, _, _ in episodes] == sorted(s for s, _, _ in episodes)
+        assert not list(run.glob("*.tmp"))  # a write the kill cut short is cleaned up
