@@ -90,6 +90,15 @@ def _max_rss_mib() -> float | None:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
+def _rss_mib() -> float | None:
+    """Resident memory of this process now, in MiB (Linux; ``None`` elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _rank_device(device: torch.device) -> torch.device:
     """Under torchrun, each process takes the GPU of its local rank."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -297,6 +306,9 @@ class Trainer:
             writer.add_scalar("rollout/ep_len_mean", np.mean(self.collector.episode_lengths), step)
         writer.add_scalar("time/fps", fps, step)
         writer.add_scalar("rollout/nonfinite_inputs", self.collector.nonfinite_inputs, step)
+        rss = _rss_mib()
+        if rss is not None:
+            writer.add_scalar("time/rss_mib", rss, step)  # a leak shows as a rising curve
         writer.add_scalar("time/threads", self.threads, step)
         # the only device->host reads: the optimizer's ν and counters too are read only here
         for key, value in {**stats, **self.algo.optimizer.diagnostics.scalars()}.items():
