@@ -207,7 +207,9 @@ def _coerce(name: str, value: Any) -> Any:
         return value
     if kind in (int, float) and isinstance(value, str):  # YAML reads 1e5 and 1e-3 as strings
         with contextlib.suppress(ValueError):
-            value = float(value)
+            value = (
+                int(value) if kind is int and value.strip().lstrip("+-").isdigit() else float(value)
+            )
     if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)  # 1e5, 100000.0
     number = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -14,6 +14,8 @@ stacked frames, episodes of whole games, and rewards clipped to their sign for t
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 from collections.abc import Callable
 
 import gymnasium as gym
@@ -39,6 +41,9 @@ def check_env_id(env_id: str) -> None:
 
 def _make_one(env_id: str, frame_stack: int) -> Callable[[], gym.Env]:
     def thunk() -> gym.Env:
+        if multiprocessing.parent_process() is not None:  # an AsyncVectorEnv worker
+            # Ctrl-C reaches the whole process group: the trainer stops the run and closes us
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if is_atari(env_id):
             import ale_py
 

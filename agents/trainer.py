@@ -170,7 +170,12 @@ class Trainer:
                 self.envs.close()
                 raise
             self.timesteps, self.updates = int(resume["timesteps"]), int(resume["updates"])
-            set_rng_state(resume["rng"])  # rank 0's: other ranks re-seed below
+            try:
+                set_rng_state(resume["rng"])  # rank 0's: other ranks re-seed below
+            except (RuntimeError, ValueError, TypeError, KeyError) as err:
+                self.envs.close()
+                msg = f"the checkpoint's RNG state does not fit this machine: {err}"
+                raise ValueError(msg) from None
             env_seed = cfg.seed + self.updates  # fresh episodes, not the ones already seen
         if self.rank > 0:
             seed_everything(cfg.seed + self.rank + 7919 * self.updates)
@@ -193,7 +198,10 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             self.episode_log = EpisodeLog(self.run_dir / "episodes.csv", self.timesteps)
             # purge_step drops events logged after the checkpoint by an interrupted earlier run
-            self.writer = SummaryWriter(str(self.run_dir), purge_step=self.timesteps or None)
+            # (the point at the checkpoint's own step was logged before it was saved: kept)
+            self.writer = SummaryWriter(
+                str(self.run_dir), purge_step=self.timesteps + 1 if self.timesteps else None
+            )
         self.show_progress = progress and sys.stderr.isatty() and self.rank == 0
 
     def __repr__(self) -> str:
@@ -265,11 +273,17 @@ class Trainer:
                     if self.collector.episode_returns:
                         ep = float(np.mean(self.collector.episode_returns))
                         bar.set_postfix(fps=f"{fps:.0f}", ep_rew=f"{ep:.1f}", refresh=False)
-                    if self.timesteps >= next_checkpoint:
+                    saved = self.timesteps >= next_checkpoint
+                    if saved:
                         self.save()
                         next_checkpoint += cfg.checkpoint_interval
+                    if self.timesteps >= cfg.total_timesteps:
+                        break  # done: a signal now changes nothing
                     if self._stop_requested(stop):
-                        raise TrainingInterrupted(stop.received or signal.SIGTERM, str(self.save()))
+                        path = str(self.run_dir / "last.pt") if saved else str(self.save())
+                        self._barrier()  # no rank exits while rank 0 is writing
+                        raise TrainingInterrupted(stop.received or signal.SIGTERM, path)
+                self.save()  # still under the handlers: a signal cannot cut the final save
         except TrainingInterrupted as stopped:
             print(f"\nstopped by {stopped}", file=sys.stderr)
             raise
@@ -284,7 +298,6 @@ class Trainer:
                 self.writer.flush()
             if self.episode_log is not None:
                 self.episode_log.flush()
-        self.save()
         self.close()
         result.timesteps = self.timesteps
         result.wall_time = time.perf_counter() - start
@@ -292,6 +305,10 @@ class Trainer:
             summary = {**result.summary(), "threads": self.threads, "max_rss_mib": _max_rss_mib()}
             (self.run_dir / "result.json").write_text(json.dumps(summary, indent=1))
         return result
+
+    def _barrier(self) -> None:
+        if self.comm is not None:
+            average_scalar(0.0, self.comm)  # a collective every rank reaches after the save
 
     def _stop_requested(self, stop: StopSignals) -> bool:
         """Whether a stop signal arrived (on any rank: all stop after the same update)."""

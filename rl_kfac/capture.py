@@ -69,7 +69,7 @@ class _DiscoveryHook:
         if module in cap.blocks:
             return
         if not is_supported(module):
-            cap.note_unsupported(module, f"{type(module).__name__.lower()}")
+            cap.note_unsupported(module, f"{type(module).__name__.lower()}{len(cap.unsupported)}")
             return
         weight = getattr(module, "weight", None)
         if weight is None or id(weight) not in cap.wanted:

@@ -288,7 +288,7 @@ class KFAC(Optimizer):
         self._capture.arm(self._steps % self.factor_update_interval == 0)
         lrs = [g["lr"] for g in self.param_groups]
         if not all(0 <= lr <= MAX_LR for lr in lrs):  # e.g. a schedule gone wrong
-            self._skip(f"learning rate {lrs} is not in [0, {MAX_LR:g}]")
+            self._skip(f"learning rate {lrs} is not in [0, {MAX_LR:g}]", key="lr")
             return loss
         device = self.param_groups[0]["params"][0].device
         if self.host_sync == "log" or (self.host_sync == "auto" and device.type == "cuda"):
@@ -310,9 +310,9 @@ class KFAC(Optimizer):
         self._last = (nu, sum(quad_values))
         return loss
 
-    def _skip(self, why: str) -> None:
+    def _skip(self, why: str, key: str = "step") -> None:
         self._skipped_steps.value += 1
-        self._warn_once(f"step {why}", f"{why}: K-FAC step skipped")
+        self._warn_once(key, f"{why}: K-FAC step skipped")
         self._last = (math.nan, math.nan)
 
     def _step_on_device(

@@ -197,6 +197,7 @@ def run_and_signal(run: Path, sig: int, steps: int) -> tuple[int, str]:
     deadline = time.monotonic() + 120
     while not (run / "last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert (run / "last.pt").exists(), "no first checkpoint within 120 s"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
@@ -251,7 +252,7 @@ def test_every_layer_without_a_block_is_named_in_a_warning(given):
         opt.zero_grad()
         F.cross_entropy(out, torch.zeros(5, dtype=torch.long)).backward()
         opt.step()
-    expected = {"emb", "lstm", "conv1d"} if given == "model" else {"embedding", "lstm", "conv1d"}
+    expected = {"emb", "lstm", "conv1d"} if given == "model" else {"embedding0", "lstm1", "conv1d2"}
     assert names_in(record) == expected
     assert [b.module for b in opt.blocks] == [model.fc]
     assert all(w.filename == __file__ for w in record)  # they point at the caller
@@ -289,6 +290,31 @@ def test_sb3_classes_log_under_their_own_names_and_show_a_progress_bar(tmp_path)
         model = cls("MlpPolicy", "CartPole-v1", n_steps=8, tensorboard_log=str(tmp_path), **extra)
         model.learn(16, progress_bar=True)
         assert (tmp_path / f"{cls.__name__}_1").is_dir()
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_a_stop_in_the_last_update_finishes_the_run_and_earlier_stops_it(
+    tmp_path, monkeypatch, updates
+):
+    from agents import trainer as trainer_module
+    from agents.signals import StopSignals, TrainingInterrupted
+
+    def signalled(self: StopSignals) -> StopSignals:
+        self.received = signal.SIGTERM  # as if it came during the first update
+        return self
+
+    monkeypatch.setattr(trainer_module.StopSignals, "__enter__", signalled)
+    cfg = load_config(CARTPOLE, ["n_envs=2", "n_steps=8", f"total_timesteps={16 * updates}"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    if updates == 1:
+        assert trainer.train().timesteps == 16  # finished: nothing left to stop
+        assert (tmp_path / "run" / "result.json").exists()
+    else:
+        with pytest.raises(TrainingInterrupted) as stopped:
+            trainer.train()
+        assert stopped.value.exit_code == 143
+        assert int(ckpt.load_checkpoint(tmp_path / "run" / "last.pt")["timesteps"]) == 16
+        trainer.close()
 
 
 # -- non-finite input from the environment ------------------------------------------------------
@@ -336,7 +362,7 @@ def test_sigkill_at_random_points_leaves_a_loadable_checkpoint_that_resumes(tmp_
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for trial in range(3):
         run = tmp_path / f"run{trial}"
-        proc = subprocess.Popen([*cmd, "--log-dir", str(run)], env=env, stderr=subprocess.PIPE)
+        proc = subprocess.Popen([*cmd, "--log-dir", str(run)], env=env, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while not (run / "last.pt").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
