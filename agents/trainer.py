@@ -33,6 +33,7 @@ from agents.episode_log import EpisodeLog
 from agents.networks import ActorCritic
 from agents.normalize import Normalizer
 from agents.ppo_kfac import PPOKFAC
+from agents.provenance import provenance
 from agents.rollout import RolloutCollector
 from agents.signals import StopSignals, TrainingInterrupted
 from rl_kfac.distributed import average_scalar, init_distributed
@@ -160,6 +161,8 @@ class Trainer:
             obs_space.shape, cfg.n_envs, cfg.gamma, cfg.normalize_obs, cfg.normalize_reward
         )
         self.timesteps = self.updates = 0
+        self.wall_before = 0.0  # training seconds of the earlier parts of a resumed run
+        self._clock: float | None = None  # when this part's training loop started
         env_seed = cfg.seed
         if resume is not None:
             try:
@@ -170,6 +173,7 @@ class Trainer:
                 self.envs.close()
                 raise
             self.timesteps, self.updates = int(resume["timesteps"]), int(resume["updates"])
+            self.wall_before = float(resume.get("wall_time", 0.0))
             try:
                 set_rng_state(resume["rng"])  # rank 0's: other ranks re-seed below
             except (RuntimeError, ValueError, TypeError, KeyError) as err:
@@ -221,7 +225,14 @@ class Trainer:
             "updates": self.updates,
             "rng": rng_state(),
             "config": dataclasses.asdict(self.cfg),
+            "wall_time": self.wall_time,
         }
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds in the training loop so far, earlier parts of a resumed run included."""
+        now = 0.0 if self._clock is None else time.perf_counter() - self._clock
+        return self.wall_before + now
 
     def save(self, name: str = "last.pt") -> Path:
         path = self.run_dir / name
@@ -242,7 +253,7 @@ class Trainer:
             disable=not self.show_progress,
             dynamic_ncols=True,
         )
-        start = time.perf_counter()
+        start = self._clock = time.perf_counter()
         start_steps = self.timesteps
         next_checkpoint = (self.timesteps // cfg.checkpoint_interval + 1) * cfg.checkpoint_interval
         try:
@@ -301,8 +312,15 @@ class Trainer:
         self.close()
         result.timesteps = self.timesteps
         result.wall_time = time.perf_counter() - start
+        self.wall_before, self._clock = self.wall_time, None
         if self.rank == 0:
-            summary = {**result.summary(), "threads": self.threads, "max_rss_mib": _max_rss_mib()}
+            summary = {
+                **result.summary(),
+                "wall_time_total_s": round(self.wall_time, 3),  # all parts of a resumed run
+                "threads": self.threads,
+                "max_rss_mib": _max_rss_mib(),
+                **provenance(),
+            }
             (self.run_dir / "result.json").write_text(json.dumps(summary, indent=1))
         return result
 

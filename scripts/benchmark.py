@@ -16,6 +16,7 @@ reaches the environment's threshold. Writes ``<out>/runs.csv`` (one row per run)
     python scripts/benchmark.py --env HalfCheetah-v5 --seeds 3 --algos ppo_kfac,ppo
     python scripts/benchmark.py --env CartPole-v1 --seeds 5 --algos sb3_acktr,a2c
     python scripts/benchmark.py --env CartPole-v1 --seeds 1 --speed   # wall time, same batch
+    python scripts/benchmark.py --ingest runs/pong_acktr_s0   # a finished train.py run
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import json
 import multiprocessing as mp
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from agents.cli import add_override_argument
+from agents.provenance import provenance
 
 TASKS: dict[str, dict[str, Any]] = {
     # threshold, budget, our configs, and the key of rl-baselines3-zoo's a2c.yml / ppo.yml whose
@@ -59,6 +61,21 @@ TASKS: dict[str, dict[str, Any]] = {
         "config": "configs/acktr/halfcheetah.yaml",
         "ppo_kfac_config": "configs/ppo_kfac/halfcheetah.yaml",
         "zoo": "HalfCheetah-v4",  # rl-zoo's MuJoCo settings are listed under v4
+    },
+    # Atari runs are long: made with scripts/train.py (resumable), added with --ingest
+    "ALE/Pong-v5": {
+        "threshold": 18.0,
+        "timesteps": 2_000_000,
+        "config": "configs/acktr/pong.yaml",
+        "ppo_kfac_config": "configs/ppo_kfac/pong.yaml",
+        "zoo": "PongNoFrameskip-v4",
+    },
+    "ALE/Breakout-v5": {
+        "threshold": 31.8,  # the human score in the ACKTR paper's table
+        "timesteps": 2_000_000,
+        "config": "configs/acktr/breakout.yaml",
+        "ppo_kfac_config": "configs/ppo_kfac/breakout.yaml",
+        "zoo": "BreakoutNoFrameskip-v4",
     },
 }
 OURS = ("acktr", "ppo_kfac")  # our agents
@@ -261,32 +278,6 @@ def write_report(readme: Path, root: Path) -> None:
     readme.write_text(text[:start] + "\n" + render_report(root) + "\n" + text[end:])
 
 
-def _provenance() -> dict[str, str]:
-    """The commit (``+dirty`` if the code or configs had uncommitted changes) and package
-    versions behind a run."""
-    import gymnasium
-    import stable_baselines3
-    import torch
-
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    code = ("rl_kfac", "agents", "configs", "scripts", "pyproject.toml")
-    if git("status", "--porcelain", "--untracked-files=no", "--", *code):
-        commit += "+dirty"
-    return {
-        "commit": commit,
-        "torch": torch.__version__,
-        "gymnasium": gymnasium.__version__,
-        "sb3": stable_baselines3.__version__,
-        "threads": "1",
-    }
-
-
 def _merge(
     out: Path, rows: list[dict[str, Any]], episodes: list[tuple[Any, ...]]
 ) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
@@ -350,10 +341,17 @@ def main() -> None:
     parser.add_argument(
         "--report", action="store_true", help="rewrite README.md's results table from --out"
     )
+    parser.add_argument(
+        "--ingest", nargs="+", metavar="RUN_DIR", help="add finished scripts/train.py runs"
+    )
+    parser.add_argument("--commit", help="with --ingest: the commit of runs that lack one")
     args = parser.parse_args()
     if args.report:
         write_report(Path("README.md"), Path(args.out))
         print(f"README.md: results table rewritten from {args.out}/*/*/runs.csv")
+        return
+    if args.ingest:
+        ingest([Path(d) for d in args.ingest], Path(args.out), args.commit)
         return
     unknown = sorted(set(args.algos.split(",")) - set(OURS + SB3))
     if unknown:
@@ -368,41 +366,11 @@ def main() -> None:
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(job, jobs)
 
-    out = Path(args.out) / args.env / "_".join([*args.algos.split(","), *args.overrides])
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for r in results:
-        eps = r["episodes"]
-        lasts = [
-            np.mean([x for _, x in eps[max(0, i - 100) : i]]) for i in range(100, len(eps) + 1)
-        ]
-        rows.append(
-            {
-                "algo": r["algo"],
-                "env": r["env"],
-                "seed": r["seed"],
-                "timesteps": r["timesteps"],
-                "first_to_threshold": first_to_threshold(eps, task["threshold"]),
-                "final_last100": round(float(np.mean([x for _, x in eps[-100:]])), 1),
-                "best_last100": round(float(max(lasts)), 1) if lasts else None,
-                "wall_s": round(r["wall"], 1),
-                "update_share": None if r["update_share"] is None else round(r["update_share"], 3),
-            }
-        )
-    provenance = _provenance()
-    for row in rows:
-        row.update(provenance)
+    out = results_dir(Path(args.out), args.env, [*args.algos.split(","), *args.overrides])
+    made_by = {**provenance(), "threads": "1"}
+    rows = [run_row(r, task, made_by) for r in results]
     episodes = [(r["algo"], r["seed"], st, x) for r in results for st, x in r["episodes"]]
-    rows, episodes = _merge(out, rows, episodes)  # runs of other seeds/algos already there stay
-    with open(out / "runs.csv", "w", newline="") as f:
-        columns = list(dict.fromkeys(k for r in rows for k in r))  # older files: fewer columns
-        table = csv.DictWriter(f, fieldnames=columns, restval="")
-        table.writeheader()
-        table.writerows(rows)
-    with open(out / "episodes.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["algo", "seed", "timestep", "return"])
-        writer.writerows(episodes)
+    rows, episodes = write_results(out, rows, episodes, task, args.env)
 
     ours = f", ours with {' '.join(args.overrides)}" if args.overrides else ""
     seeds = f"seeds {args.seeds[0]}..{args.seeds[-1]}"
@@ -424,8 +392,96 @@ def main() -> None:
         upd = statistics.median(row["wall_s"] * (row["update_share"] or 0) for row in mine)
         print(f"{algo:12s} {n:>8s} {med_s:>13s} {finals:15.1f} {wall:7.1f} {upd:9.1f}")
         print(f"       per seed: {firsts}")
-    plot(episodes, task["threshold"], out / "curves.png", args.env)
     print(f"wrote {out}/runs.csv, episodes.csv, curves.png")
+
+
+def run_row(r: dict[str, Any], task: dict[str, Any], made_by: dict[str, Any]) -> dict[str, Any]:
+    """One ``runs.csv`` row from a finished run's episodes ``(step, return)`` and timings."""
+    eps = r["episodes"]
+    lasts = [np.mean([x for _, x in eps[max(0, i - 100) : i]]) for i in range(100, len(eps) + 1)]
+    share = r["update_share"]
+    return {
+        "algo": r["algo"],
+        "env": r["env"],
+        "seed": r["seed"],
+        "timesteps": r["timesteps"],
+        "first_to_threshold": first_to_threshold(eps, task["threshold"]),
+        "final_last100": round(float(np.mean([x for _, x in eps[-100:]])), 1),
+        "best_last100": round(float(max(lasts)), 1) if lasts else None,
+        "wall_s": round(r["wall"], 1),
+        "update_share": None if share is None else round(share, 3),
+        **made_by,
+    }
+
+
+def write_results(
+    out: Path,
+    rows: list[dict[str, Any]],
+    episodes: list[tuple[Any, ...]],
+    task: dict[str, Any],
+    env: str,
+) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
+    """Merge into ``out``'s runs.csv and episodes.csv (other runs there stay), redraw the
+    curves; the merged rows and episodes."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, episodes = _merge(out, rows, episodes)
+    with open(out / "runs.csv", "w", newline="") as f:
+        columns = list(dict.fromkeys(k for r in rows for k in r))  # older files: fewer columns
+        table = csv.DictWriter(f, fieldnames=columns, restval="")
+        table.writeheader()
+        table.writerows(rows)
+    with open(out / "episodes.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["algo", "seed", "timestep", "return"])
+        writer.writerows(episodes)
+    plot(episodes, task["threshold"], out / "curves.png", env)
+    return rows, episodes
+
+
+def ingest(run_dirs: list[Path], root: Path, commit: str | None) -> None:
+    """Add finished ``scripts/train.py`` runs (long ones, resumed over several sittings with
+    ``--resume``) to ``<root>/<env>/<algo>/``: their config, ``episodes.csv`` and
+    ``result.json`` (whose commit a run made before it was recorded can be named)."""
+    import yaml
+
+    from agents.episode_log import read_episodes
+
+    for run in run_dirs:
+        summary = json.loads((run / "result.json").read_text())
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        if summary["timesteps"] < cfg["total_timesteps"]:
+            raise SystemExit(f"{run} is not finished: {summary['timesteps']} steps")
+        env, algo = cfg["env_id"], cfg["algo"]
+        task = TASKS[env]
+        made_by = {
+            key: str(summary.get(key, "unknown")) for key in ("commit", "torch", "gymnasium", "sb3")
+        }
+        made_by["commit"] = commit or made_by["commit"]
+        made_by["threads"] = str(summary.get("threads", ""))
+        wall = summary.get("wall_time_total_s", summary["wall_time_s"])
+        eps = [(s, r) for s, r, _ in read_episodes(run / "episodes.csv")]
+        result = {
+            "algo": algo,
+            "env": env,
+            "seed": cfg["seed"],
+            "timesteps": summary["timesteps"],
+            "episodes": eps,
+            "wall": wall,
+            "update_share": summary["update_time_s"] / summary["wall_time_s"],
+        }
+        row = run_row(result, task, made_by)
+        write_results(
+            results_dir(root, env, [algo]),
+            [row],
+            [(algo, cfg["seed"], s, r) for s, r in eps],
+            task,
+            env,
+        )
+        print(f"{run}: {algo} on {env}, seed {cfg['seed']}: {row}")
+
+
+def results_dir(root: Path, env: str, parts: list[str]) -> Path:
+    return root / env.replace("/", "-") / "_".join(parts)
 
 
 def plot(episodes: list[tuple[Any, ...]], threshold: float, path: Path, env: str) -> None:

@@ -62,3 +62,28 @@ def test_report_rows_count_and_median_by_hand(tmp_path):
     # held out: median of 200k and 400k
     assert "| 5-6 (held out) | 2 of 2 | 300.0k | 200.0k, 400.0k | 225; 240, 210 |" in table[3]
     assert table[3].endswith("| 50 s | abc1234 |")
+
+
+def test_a_finished_training_run_is_ingested_with_its_episodes_and_commit(tmp_path):
+    import json
+
+    from agents.cli import train_main
+    from agents.episode_log import read_episodes
+
+    bench = load_benchmark()
+    run = tmp_path / "run"
+    args = ["--config", str(ROOT / "configs/acktr/cartpole.yaml"), "--log-dir", str(run)]
+    assert train_main([*args, "--total-timesteps", "1600", "--no-progress"]) == 0
+    summary = json.loads((run / "result.json").read_text())
+    assert summary["wall_time_total_s"] >= summary["wall_time_s"] > 0
+    bench.ingest([run], tmp_path / "results", None)
+    out = tmp_path / "results" / "CartPole-v1" / "acktr"
+    with open(out / "runs.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["seed"], row["timesteps"], row["commit"]) == ("0", "1600", summary["commit"])
+    with open(out / "episodes.csv", newline="") as f:
+        logged = list(csv.reader(f))[1:]
+    assert [int(s) for _, _, s, _ in logged] == [
+        s for s, _, _ in read_episodes(run / "episodes.csv")
+    ]
+    assert (out / "curves.png").exists()
