@@ -296,7 +296,7 @@ class KFAC(Optimizer):
             return loss
         quad_values = torch.stack([q.to(quads[0].device) for q in quads]).tolist()  # one sync
         if not all(math.isfinite(q) for q in quad_values):
-            self._skip("non-finite gradient or update")
+            self._skip(NONFINITE_STEP)
             return loss
 
         nu = 1.0
@@ -406,7 +406,7 @@ class KFAC(Optimizer):
     def counters(self) -> dict[str, int]:
         """Steps, statistics and inverse updates, and what was skipped or failed (a copy)."""
         if self._skipped_steps.settle():  # host_sync "log": the step's flags read here
-            self._warn_once("step", SKIPPED_STEP)
+            self._warn_once("step", f"{NONFINITE_STEP}: K-FAC step skipped")
         skipped_statistics = self._factors.skipped  # first: it settles the device's count
         return {
             "steps": self._steps,
@@ -489,7 +489,7 @@ class KFAC(Optimizer):
         )
 
 
-SKIPPED_STEP = "non-finite gradient or update: K-FAC step skipped"
+NONFINITE_STEP = "non-finite gradient or update"  # one warning, host or device detected
 COUNTERS = (
     "steps",
     "statistics_updates",
