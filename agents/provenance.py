@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository, for a source checkout
 CODE = ("rl_kfac", "agents", "configs", "scripts", "pyproject.toml")
@@ -32,3 +36,14 @@ def provenance() -> dict[str, str]:
         "gymnasium": gymnasium.__version__,
         "sb3": stable_baselines3.__version__,
     }
+
+
+def device_name(device: str | torch.device) -> str:
+    """``cpu``, or the accelerator's type and model (``cuda: NVIDIA H200``): wall times in
+    results are only comparable on the same hardware."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return device.type

@@ -33,7 +33,7 @@ from agents.episode_log import EpisodeLog
 from agents.networks import ActorCritic
 from agents.normalize import Normalizer
 from agents.ppo_kfac import PPOKFAC
-from agents.provenance import provenance
+from agents.provenance import device_name, provenance
 from agents.rollout import RolloutCollector
 from agents.signals import StopSignals, TrainingInterrupted
 from rl_kfac.distributed import average_scalar, init_distributed
@@ -319,6 +319,7 @@ class Trainer:
                 "wall_time_total_s": round(self.wall_time, 3),  # all parts of a resumed run
                 "threads": self.threads,
                 "max_rss_mib": _max_rss_mib(),
+                "device": device_name(self.device),
                 **provenance(),
             }
             (self.run_dir / "result.json").write_text(json.dumps(summary, indent=1))

@@ -256,10 +256,21 @@ def _report_row(task: dict[str, Any], runs: list[dict[str, str]], role: str) -> 
         "never" if med == float("inf") else _k(med),
         ", ".join("never" if f == float("inf") else _k(f) for f in firsts),
         f"{statistics.median(finals):.0f}; " + ", ".join(f"{x:.0f}" for x in finals),
-        f"{statistics.median(float(r['wall_s']) for r in runs):.0f} s",
+        _walls(runs),
         ", ".join(sorted({r["commit"] for r in runs})),
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _walls(runs: list[dict[str, str]]) -> str:
+    """Median wall time per run, per device when runs were made on different hardware (rows
+    from before devices were recorded ran on this project's CPU machine)."""
+    by_device: dict[str, list[float]] = {}
+    for r in runs:
+        by_device.setdefault(r.get("device") or "cpu", []).append(float(r["wall_s"]))
+    if list(by_device) == ["cpu"]:
+        return f"{statistics.median(by_device['cpu']):.0f} s"
+    return "; ".join(f"{statistics.median(w):.0f} s ({d})" for d, w in sorted(by_device.items()))
 
 
 def _report_span(text: str) -> tuple[int, int]:
@@ -345,13 +356,14 @@ def main() -> None:
         "--ingest", nargs="+", metavar="RUN_DIR", help="add finished scripts/train.py runs"
     )
     parser.add_argument("--commit", help="with --ingest: the commit of runs that lack one")
+    parser.add_argument("--device", help="with --ingest: the device of runs that lack one")
     args = parser.parse_args()
     if args.report:
         write_report(Path("README.md"), Path(args.out))
         print(f"README.md: results table rewritten from {args.out}/*/*/runs.csv")
         return
     if args.ingest:
-        ingest([Path(d) for d in args.ingest], Path(args.out), args.commit)
+        ingest([Path(d) for d in args.ingest], Path(args.out), args.commit, args.device)
         return
     unknown = sorted(set(args.algos.split(",")) - set(OURS + SB3))
     if unknown:
@@ -367,7 +379,7 @@ def main() -> None:
         results = pool.map(job, jobs)
 
     out = results_dir(Path(args.out), args.env, [*args.algos.split(","), *args.overrides])
-    made_by = {**provenance(), "threads": "1"}
+    made_by = {**provenance(), "threads": "1", "device": "cpu"}
     rows = [run_row(r, task, made_by) for r in results]
     episodes = [(r["algo"], r["seed"], st, x) for r in results for st, x in r["episodes"]]
     rows, episodes = write_results(out, rows, episodes, task, args.env)
@@ -438,10 +450,11 @@ def write_results(
     return rows, episodes
 
 
-def ingest(run_dirs: list[Path], root: Path, commit: str | None) -> None:
+def ingest(run_dirs: list[Path], root: Path, commit: str | None, device: str | None = None) -> None:
     """Add finished ``scripts/train.py`` runs (long ones, resumed over several sittings with
     ``--resume``) to ``<root>/<env>/<algo>/``: their config, ``episodes.csv`` and
-    ``result.json`` (whose commit a run made before it was recorded can be named)."""
+    ``result.json`` (whose commit and device, for runs made before they were recorded, can be
+    named)."""
     import yaml
 
     from agents.episode_log import read_episodes
@@ -458,6 +471,7 @@ def ingest(run_dirs: list[Path], root: Path, commit: str | None) -> None:
         }
         made_by["commit"] = commit or made_by["commit"]
         made_by["threads"] = str(summary.get("threads", ""))
+        made_by["device"] = device or str(summary.get("device", "unknown"))
         wall = summary.get("wall_time_total_s", summary["wall_time_s"])
         eps = [(s, r) for s, r, _ in read_episodes(run / "episodes.csv")]
         result = {

@@ -70,6 +70,11 @@ def test_a_finished_training_run_is_ingested_with_its_episodes_and_commit(tmp_pa
     from agents.cli import train_main
     from agents.episode_log import read_episodes
 
+    def torch_device_name() -> str:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+
     bench = load_benchmark()
     run = tmp_path / "run"
     args = ["--config", str(ROOT / "configs/acktr/cartpole.yaml"), "--log-dir", str(run)]
@@ -81,9 +86,21 @@ def test_a_finished_training_run_is_ingested_with_its_episodes_and_commit(tmp_pa
     with open(out / "runs.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert (row["seed"], row["timesteps"], row["commit"]) == ("0", "1600", summary["commit"])
+    assert row["device"] == summary["device"] in ("cpu", f"cuda: {torch_device_name()}")
     with open(out / "episodes.csv", newline="") as f:
         logged = list(csv.reader(f))[1:]
     assert [int(s) for _, _, s, _ in logged] == [
         s for s, _, _ in read_episodes(run / "episodes.csv")
     ]
     assert (out / "curves.png").exists()
+
+
+def test_wall_times_are_given_per_device_when_runs_used_different_hardware():
+    bench = load_benchmark()
+    runs = [
+        {"wall_s": "4900", "device": "cpu"},
+        {"wall_s": "400", "device": "cuda: NVIDIA H200"},
+        {"wall_s": "100"},  # recorded before devices were: this project's CPU machine
+    ]
+    assert bench._walls(runs[2:]) == "100 s"
+    assert bench._walls(runs) == "2500 s (cpu); 400 s (cuda: NVIDIA H200)"
