@@ -30,6 +30,7 @@ from agents.checkpoint import (
 from agents.config import Config, from_dict, to_yaml
 from agents.envs import check_env_id, make_vec_env
 from agents.episode_log import EpisodeLog
+from agents.memory import max_rss_mib, release_free_heap, rss_mib
 from agents.networks import ActorCritic
 from agents.normalize import Normalizer
 from agents.ppo_kfac import PPOKFAC
@@ -79,25 +80,6 @@ class TrainResult:
             "episodes": len(self.episodes),
             "last100_return": float(np.mean(returns)) if returns else None,
         }
-
-
-def _max_rss_mib() -> float | None:
-    """Peak resident memory of this process so far (Linux/macOS), in MiB."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
-
-
-def _rss_mib() -> float | None:
-    """Resident memory of this process now, in MiB (Linux; ``None`` elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _rank_device(device: torch.device) -> torch.device:
@@ -278,8 +260,10 @@ class Trainer:
                     if self.episode_log is not None:
                         self.episode_log.append(finished)
                     fps = (self.timesteps - start_steps) / (time.perf_counter() - start)
-                    if self.updates % cfg.log_interval == 0 and self.writer is not None:
-                        self._log(self.writer, stats, fps)
+                    if self.updates % cfg.log_interval == 0:
+                        release_free_heap()  # every rank: fragmentation would read as a leak
+                        if self.writer is not None:
+                            self._log(self.writer, stats, fps)
                     bar.update(steps)
                     if self.collector.episode_returns:
                         ep = float(np.mean(self.collector.episode_returns))
@@ -318,7 +302,7 @@ class Trainer:
                 **result.summary(),
                 "wall_time_total_s": round(self.wall_time, 3),  # all parts of a resumed run
                 "threads": self.threads,
-                "max_rss_mib": _max_rss_mib(),
+                "max_rss_mib": max_rss_mib(),
                 "device": device_name(self.device),
                 **provenance(),
             }
@@ -342,7 +326,7 @@ class Trainer:
             writer.add_scalar("rollout/ep_len_mean", np.mean(self.collector.episode_lengths), step)
         writer.add_scalar("time/fps", fps, step)
         writer.add_scalar("rollout/nonfinite_inputs", self.collector.nonfinite_inputs, step)
-        rss = _rss_mib()
+        rss = rss_mib()
         if rss is not None:
             writer.add_scalar("time/rss_mib", rss, step)  # a leak shows as a rising curve
         writer.add_scalar("time/threads", self.threads, step)

@@ -106,6 +106,15 @@ def first_to_threshold(episodes: list[tuple[int, float]], threshold: float) -> i
     return None
 
 
+def low_after_threshold(episodes: list[tuple[int, float]], threshold: float) -> float | None:
+    """The lowest last-100 mean after it first reached ``threshold`` (a late collapse shows
+    here); ``None`` if it never did."""
+    returns = [r for _, r in episodes]
+    means = [float(np.mean(returns[i - 100 : i])) for i in range(100, len(returns) + 1)]
+    first = next((i for i, m in enumerate(means) if m >= threshold), None)
+    return None if first is None else round(min(means[first:]), 1)
+
+
 def run_ours(
     algo: str, env: str, seed: int, timesteps: int, overrides: list[str]
 ) -> dict[str, Any]:
@@ -404,6 +413,8 @@ def main() -> None:
         upd = statistics.median(row["wall_s"] * (row["update_share"] or 0) for row in mine)
         print(f"{algo:12s} {n:>8s} {med_s:>13s} {finals:15.1f} {wall:7.1f} {upd:9.1f}")
         print(f"       per seed: {firsts}")
+        lows = [row["low_after_threshold"] for row in mine]
+        print(f"       lowest last-100 after reaching the threshold, per seed: {lows}")
     print(f"wrote {out}/runs.csv, episodes.csv, curves.png")
 
 
@@ -420,6 +431,7 @@ def run_row(r: dict[str, Any], task: dict[str, Any], made_by: dict[str, Any]) ->
         "first_to_threshold": first_to_threshold(eps, task["threshold"]),
         "final_last100": round(float(np.mean([x for _, x in eps[-100:]])), 1),
         "best_last100": round(float(max(lasts)), 1) if lasts else None,
+        "low_after_threshold": low_after_threshold(eps, task["threshold"]),
         "wall_s": round(r["wall"], 1),
         "update_share": None if share is None else round(share, 3),
         **made_by,

@@ -379,3 +379,32 @@ def test_sigkill_at_random_points_leaves_a_loadable_checkpoint_that_resumes(tmp_
         episodes = read_episodes(run / "episodes.csv")
         assert [s for s, _, _ in episodes] == sorted(s for s, _, _ in episodes)
         assert not list(run.glob("*.tmp"))  # a write the kill cut short is cleaned up
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_goes_back_to_the_system():
+    import ctypes
+    import ctypes.util
+
+    from agents.memory import release_free_heap, rss_mib
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: these blocks come from the heap, as in training
+    try:
+        before = rss_mib()
+        blocks = [libc.malloc(60_000) for _ in range(3000)]  # ~170 MiB, touched below
+        for b in blocks:
+            ctypes.memset(b, 1, 60_000)
+        for b in blocks[:-1]:  # the last one pins the heap's top: free() alone cannot shrink it
+            libc.free(b)
+        held = rss_mib()
+        assert release_free_heap()
+        after = rss_mib()
+        libc.free(blocks[-1])
+    finally:
+        libc.mallopt(-3, 128 * 1024)
+    assert before is not None and held is not None and after is not None
+    assert held - before > 100
+    assert after - before < 20

@@ -104,3 +104,12 @@ def test_wall_times_are_given_per_device_when_runs_used_different_hardware():
     ]
     assert bench._walls(runs[2:]) == "100 s"
     assert bench._walls(runs) == "2500 s (cpu); 400 s (cuda: NVIDIA H200)"
+
+
+def test_the_lowest_last100_after_the_threshold_is_found_by_hand():
+    bench = load_benchmark()
+    # 100 episodes of 500 (mean 500 at the 100th), then 50 of 0: the mean falls to 250
+    episodes = [(i, 500.0) for i in range(100)] + [(100 + i, 0.0) for i in range(50)]
+    assert bench.low_after_threshold(episodes, 475.0) == 250.0
+    assert bench.low_after_threshold(episodes[:99], 475.0) is None  # never 100 episodes
+    assert bench.low_after_threshold([(i, 400.0) for i in range(200)], 475.0) is None
