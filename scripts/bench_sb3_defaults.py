@@ -51,7 +51,7 @@ def run(args: tuple[str, int, int, int, int, int]) -> dict[str, Any]:
         def _on_step(self) -> bool:
             if self.num_timesteps % every == 0:
                 mean, _ = evaluate_policy(self.model, self.env, n_eval_episodes=episodes)
-                evals.append((self.num_timesteps, float(mean)))
+                evals.append((self.num_timesteps, float(mean)))  # type: ignore[arg-type]
             return True
 
     cls = {"acktr": ACKTR, "ppo_kfac": PPOKFAC}[algo]
