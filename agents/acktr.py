@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from agents.algorithm import KFACAlgorithm, Stats, normalize
-from agents.networks import Distribution
+from agents.distributions import Distribution
 from agents.rollout import Batch
 from rl_kfac.actor_critic import adapt_damping_lm, record_fisher
 

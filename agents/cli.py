@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 
@@ -140,7 +139,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         payload = load_checkpoint(args.checkpoint, required=("policy", "normalizer", "config"))
         cfg = from_dict(payload["config"])
         device = resolve_device(args.device)
-        envs = make_vec_env(cfg.env_id, 1, cfg.vec_env, cfg.frame_stack)
+        envs = make_vec_env(cfg.env_id, 1, **cfg.env_options())
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -158,15 +157,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         return 2
     policy.eval()
     norm.training = False
-    space = envs.single_action_space
     returns: list[float] = []
     obs, _ = envs.reset(seed=args.seed)
     while len(returns) < args.episodes:
         x = torch.as_tensor(norm.observations(obs, update=False), device=device)
         with torch.no_grad():
-            action = policy(x)[0].mode().cpu().numpy()
-        if isinstance(space, gym.spaces.Box):
-            action = np.clip(action, space.low, space.high)
+            action = policy.head.to_env(policy(x)[0].mode())
         obs, _, _, _, info = envs.step(action)
         returns += [r for r, _ in finished_episodes(info)]
     envs.close()

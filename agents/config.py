@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from agents.envs import is_atari
 from agents.networks import Activation, Arch, PolicySpec
 from rl_kfac import ConvApprox, DampingMode
 from rl_kfac.curvature import InverseMode
@@ -44,6 +45,12 @@ class Config:
     vec_env: VecEnvKind = "auto"  # async: one process per env; native: ale-py (agents.envs)
     threads: int | None = None  # torch intra-op threads; null: rl_kfac.threads.auto_threads
     frame_stack: int = 4  # Atari only
+    # environments from other packages (agents.envs): modules to import, or module:function to
+    # call, before making env_id; keyword arguments of gym.make; wrappers, each "module.Class"
+    # or {"module.Class": {keyword: value}}, applied in order
+    env_packages: list[str] = field(default_factory=list)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    wrappers: list[str | dict[str, Any]] = field(default_factory=list)
     # returns
     gamma: float = 0.99
     gae_lambda: float = 1.0  # 1.0: n-step returns, as ACKTR
@@ -86,7 +93,7 @@ class Config:
     normalize_advantage: bool | None = None
     target_kl: float | None = None  # early stop of an update's epochs
     # network
-    arch: Arch = "mlp"
+    arch: Arch = "auto"  # auto: a CNN for image observations (by size), else an MLP
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     activation: Activation = "tanh"
     shared_trunk: bool = False
@@ -96,6 +103,21 @@ class Config:
     # bookkeeping
     log_interval: int = 10  # updates between TensorBoard writes
     checkpoint_interval: int = 100_000  # timesteps between periodic checkpoints
+
+    def expects_images(self) -> bool:
+        """Whether the network will be a CNN, known without making the environment: the arch
+        names one, or ``auto`` on an Atari id."""
+        return self.arch not in ("auto", "mlp") or (self.arch == "auto" and is_atari(self.env_id))
+
+    def env_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``agents.envs.make_vec_env`` besides id and count."""
+        return {
+            "vec_env": self.vec_env,
+            "frame_stack": self.frame_stack,
+            "env_kwargs": self.env_kwargs,
+            "wrappers": self.wrappers,
+            "env_packages": self.env_packages,
+        }
 
     def policy_spec(self) -> PolicySpec:
         return PolicySpec(
@@ -223,8 +245,23 @@ def _coerce(name: str, value: Any) -> Any:
         ok = isinstance(value, list) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
         )
+    wanted = {
+        list[str]: "a list of strings",
+        dict[str, Any]: "a mapping of names to values",
+        list[str | dict[str, Any]]: "a list of 'module.Class' or {'module.Class': {kwargs}}",
+    }.get(kind)
+    if kind == list[str]:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif kind == dict[str, Any]:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    elif kind == list[str | dict[str, Any]]:
+        ok = isinstance(value, list) and all(
+            isinstance(v, str)
+            or (isinstance(v, dict) and len(v) == 1 and isinstance(next(iter(v)), str))
+            for v in value
+        )
     if not ok:
-        wanted = "a list of ints" if kind == list[int] else kind.__name__
+        wanted = wanted or ("a list of ints" if kind == list[int] else kind.__name__)
         raise ValueError(f"{name} must be {wanted}, got {value!r}")
     return float(value) if kind is float else value
 

@@ -1,13 +1,15 @@
-"""Policy-value networks: MLP or Nature CNN trunks with categorical or diagonal-Gaussian heads.
+"""Policy-value networks for any supported observation and action space.
 
-Action bounds (Box): actions are sampled from the unbounded Gaussian (log-probabilities and the
-Fisher refer to that sample) and clipped to the bounds only when sent to the environment, as
-Stable-Baselines3 does.
+Trunks: an MLP on the flattened observation; a CNN for image observations, chosen by image size
+(the Nature CNN of Mnih et al. 2015 from 36x36 up, a small 3x3-kernel net below, as gridworlds
+need); for a Tuple or Dict with images, a CNN per image part and the other parts flattened,
+side by side, under the MLP. Heads: one per action space (:mod:`agents.distributions`).
 """
 
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,93 +18,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rl_kfac.fisher import categorical_fisher_loss, gaussian_fisher_loss, sample_categorical
+from agents.distributions import ActionHead, Distribution
+from agents.spaces import Part, image_chw, observation_parts
 
-Arch = Literal["mlp", "cnn"]
+# auto: a CNN for images (by size), an MLP otherwise; cnn: a CNN by size; nature_cnn, small_cnn:
+# that CNN for every image part; mlp: everything flattened
+Arch = Literal["auto", "mlp", "cnn", "nature_cnn", "small_cnn"]
+NATURE_MIN_SIDE = 36  # the Nature CNN's 8/4, 4/2, 3/1 convolutions need 36x36 at least
 Activation = Literal["tanh", "relu"]
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
-
-
-class Distribution:
-    """A batch of action distributions: categorical (logits) or diagonal Gaussian."""
-
-    def __init__(
-        self,
-        logits: Tensor | None = None,
-        mean: Tensor | None = None,
-        log_std: Tensor | None = None,
-    ) -> None:
-        self.logits, self.mean, self.log_std = logits, mean, log_std
-
-    @property
-    def discrete(self) -> bool:
-        return self.logits is not None
-
-    def __repr__(self) -> str:
-        if self.logits is not None:
-            return f"Distribution(categorical, logits={tuple(self.logits.shape)})"
-        assert self.mean is not None
-        return f"Distribution(diagonal Gaussian, mean={tuple(self.mean.shape)})"
-
-    def sample(self) -> Tensor:
-        if self.logits is not None:
-            return sample_categorical(self.logits)
-        assert self.mean is not None and self.log_std is not None
-        return self.mean + self.log_std.exp() * torch.randn_like(self.mean)
-
-    def mode(self) -> Tensor:
-        if self.logits is not None:
-            return self.logits.argmax(dim=-1)
-        assert self.mean is not None
-        return self.mean
-
-    def log_prob(self, actions: Tensor) -> Tensor:
-        if self.logits is not None:
-            logp = self.logits.log_softmax(dim=-1)
-            return logp.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-        assert self.mean is not None and self.log_std is not None
-        z = (actions - self.mean) / self.log_std.exp()
-        return (-0.5 * z.pow(2) - self.log_std - 0.5 * math.log(2 * math.pi)).sum(dim=-1)
-
-    def entropy(self) -> Tensor:
-        if self.logits is not None:
-            logp = self.logits.log_softmax(dim=-1)
-            return -(logp.exp() * logp).sum(dim=-1)
-        assert self.mean is not None and self.log_std is not None
-        per_dim = 0.5 + 0.5 * math.log(2 * math.pi) + self.log_std
-        return per_dim.sum(dim=-1).expand(self.mean.shape[:-1])
-
-    def kl(self, other: Distribution) -> Tensor:
-        """KL(self ‖ other) per sample."""
-        if self.logits is not None:
-            assert other.logits is not None
-            logp, logq = self.logits.log_softmax(-1), other.logits.log_softmax(-1)
-            return (logp.exp() * (logp - logq)).sum(dim=-1)
-        assert self.mean is not None and self.log_std is not None
-        assert other.mean is not None and other.log_std is not None
-        var_ratio = (2 * (self.log_std - other.log_std)).exp()
-        t = ((self.mean - other.mean) / other.log_std.exp()).pow(2)
-        return 0.5 * (var_ratio + t - 1 - var_ratio.log()).sum(dim=-1)
-
-    def fisher_loss(self) -> Tensor:
-        """Mean NLL of actions sampled from this distribution (see ``rl_kfac.fisher``)."""
-        if self.logits is not None:
-            return categorical_fisher_loss(self.logits)
-        assert self.mean is not None and self.log_std is not None
-        return gaussian_fisher_loss(self.mean, self.log_std)
-
-    def detach(self) -> Distribution:
-        def d(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach()
-
-        return Distribution(d(self.logits), d(self.mean), d(self.log_std))
 
 
 @dataclass
 class PolicySpec:
     """Network options (flat, so that YAML configs and ``--set`` can address them)."""
 
-    arch: Arch = "mlp"
+    arch: Arch = "auto"
     hidden: tuple[int, ...] = (64, 64)
     activation: Activation = "tanh"
     shared_trunk: bool = False  # MLP only; the CNN trunk is always shared
@@ -118,26 +49,97 @@ def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class NatureCNN(nn.Module):
-    """Mnih et al. (2015) encoder on uint8 frames (N, C, 84, 84), scaled to [0, 1]."""
+class ImageEncoder(nn.Module):
+    """A CNN on uint8 images (N, C, H, W) or (N, H, W, C), scaled to [0, 1]; ``features``
+    outputs. ``net`` holds the layers (the Nature CNN's keep the indices of earlier versions)."""
 
-    def __init__(self, channels: int, last_filters: int, features: int = 512) -> None:
+    features: int
+    net: nn.Sequential
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, 32, 8, stride=4),
+        self.channels_last = image_chw(shape) != tuple(shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float() / 255.0
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        return self.net(x)
+
+    def _finish(self, convs: list[nn.Module], chw: tuple[int, int, int], features: int) -> None:
+        """Flatten, then a ReLU linear layer of ``features`` units (its width measured here)."""
+        with torch.no_grad():
+            flat = nn.Sequential(*convs)(torch.zeros(1, *chw)).numel()
+        self.net = nn.Sequential(*convs, nn.Flatten(), nn.Linear(flat, features), nn.ReLU())
+        self.features = features
+
+
+class NatureCNN(ImageEncoder):
+    """Mnih et al. (2015): 32 8x8/4, 64 4/2 and ``last_filters`` 3/1 convolutions, 512 units."""
+
+    def __init__(self, shape: tuple[int, ...], last_filters: int, features: int = 512) -> None:
+        super().__init__(shape)
+        c, h, w = image_chw(shape)
+        if min(h, w) < NATURE_MIN_SIDE:
+            raise ValueError(
+                f"the Nature CNN needs images of {NATURE_MIN_SIDE}x{NATURE_MIN_SIDE} or more, got "
+                f"{h}x{w} (arch 'small_cnn' or 'cnn' takes any size)"
+            )
+        convs: list[nn.Module] = [
+            nn.Conv2d(c, 32, 8, stride=4),
             nn.ReLU(),
             nn.Conv2d(32, 64, 4, stride=2),
             nn.ReLU(),
             nn.Conv2d(64, last_filters, 3, stride=1),
             nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(last_filters * 7 * 7, features),
-            nn.ReLU(),
+        ]
+        self._finish(convs, (c, h, w), features)
+
+
+class SmallCNN(ImageEncoder):
+    """Two 3x3 convolutions (16 and 32 filters) for small images such as gridworld views, then
+    256 units. A convolution strides 2 where its output would exceed 8x8 and pads 1 where its
+    input is under 5 wide, so the linear layer's input (and its K-FAC factor A) stays small."""
+
+    def __init__(self, shape: tuple[int, ...], features: int = 256) -> None:
+        super().__init__(shape)
+        c, h, w = image_chw(shape)
+        convs: list[nn.Module] = []
+        side, channels = min(h, w), c
+        for filters in (16, 32):
+            pad = 1 if side < 5 else 0
+            stride = 2 if side + 2 * pad - 2 > 8 else 1
+            convs += [nn.Conv2d(channels, filters, 3, stride=stride, padding=pad), nn.ReLU()]
+            side, channels = (side + 2 * pad - 3) // stride + 1, filters
+        self._finish(convs, (c, h, w), features)
+
+
+def image_encoder(arch: Arch, shape: tuple[int, ...], last_filters: int) -> ImageEncoder:
+    _, h, w = image_chw(shape)
+    nature = arch == "nature_cnn" or (arch in ("auto", "cnn") and min(h, w) >= NATURE_MIN_SIDE)
+    return NatureCNN(shape, last_filters) if nature else SmallCNN(shape)
+
+
+class MixedEncoder(nn.Module):
+    """A flattened Tuple/Dict observation with image parts: each image through its own CNN,
+    the other parts as they are, concatenated."""
+
+    def __init__(self, parts: list[Part], arch: Arch, last_filters: int) -> None:
+        super().__init__()
+        self.parts = parts
+        self.cnns = nn.ModuleList(
+            image_encoder(arch, p.shape, last_filters) for p in parts if p.image
         )
-        self.features = features
+        cnn_features = [cnn.features for cnn in self.cnns if isinstance(cnn, ImageEncoder)]
+        self.features = sum(p.stop - p.start for p in parts if not p.image) + sum(cnn_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.float() / 255.0)
+        cnns = iter(self.cnns)
+        out = []
+        for p in self.parts:
+            part = x[:, p.start : p.stop]
+            out.append(next(cnns)(part.reshape(-1, *p.shape)) if p.image else part.float())
+        return torch.cat(out, dim=-1)
 
 
 class ActorCritic(nn.Module):
@@ -145,40 +147,44 @@ class ActorCritic(nn.Module):
 
     def __init__(self, obs_space: gym.Space, action_space: gym.Space, spec: PolicySpec) -> None:
         super().__init__()
-        if isinstance(action_space, gym.spaces.Discrete):
-            out, self.discrete = int(action_space.n), True
-        elif isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
-            out, self.discrete = int(action_space.shape[0]), False
-        else:
-            raise ValueError(f"unsupported action space {action_space}: use Discrete or a 1-D Box")
-        if not isinstance(obs_space, gym.spaces.Box):
-            raise ValueError(f"unsupported observation space {obs_space}: use a Box")
-        if spec.arch == "cnn" and (len(obs_space.shape) != 3 or obs_space.shape[1:] != (84, 84)):
+        if spec.arch not in typing.get_args(Arch):
             raise ValueError(
-                f"arch 'cnn' (the Nature CNN) needs (C, 84, 84) images; observations here have "
-                f"shape {obs_space.shape} (use arch 'mlp')"
+                f"unknown policy arch {spec.arch!r}: use one of {typing.get_args(Arch)}"
+            )
+        self.head = ActionHead(action_space)
+        parts = observation_parts(obs_space)  # one-line errors for unsupported spaces
+        images = [p for p in parts if p.image]
+        if spec.arch in ("cnn", "nature_cnn", "small_cnn") and not images:
+            raise ValueError(
+                f"arch {spec.arch!r} needs image observations (3-D uint8 Box, bounds 0-255); "
+                f"{obs_space} has none (use arch 'auto' or 'mlp')"
             )
         self.shared: nn.Module | None = None
         self.actor: nn.Module = nn.Identity()
         self.critic: nn.Module = nn.Identity()
-        if spec.arch == "cnn":
-            cnn = NatureCNN(obs_space.shape[0], spec.cnn_last_filters)
-            self.shared, width_pi, width_vf = cnn, cnn.features, cnn.features
-        elif spec.arch == "mlp":
-            sizes = [int(np.prod(obs_space.shape)), *spec.hidden]
+        self.encoder: nn.Module | None = None
+        self.flatten = True
+        if spec.arch != "mlp" and len(parts) == 1 and images:  # one image: CNN, then the heads
+            cnn = image_encoder(spec.arch, images[0].shape, spec.cnn_last_filters)
+            self.shared, width_pi, width_vf, self.flatten = cnn, cnn.features, cnn.features, False
+        else:
+            width = int(np.prod(obs_space.shape or (1,)))
+            if spec.arch != "mlp" and images:
+                self.encoder = MixedEncoder(parts, spec.arch, spec.cnn_last_filters)
+                width = self.encoder.features
+            sizes = [width, *spec.hidden]
             if spec.shared_trunk:
                 self.shared = _mlp(sizes, spec.activation)
             else:
                 self.actor, self.critic = _mlp(sizes, spec.activation), _mlp(sizes, spec.activation)
             width_pi = width_vf = sizes[-1]
-        else:
-            raise ValueError(f"unknown policy arch {spec.arch!r}: use 'mlp' or 'cnn'")
-        self.pi = nn.Linear(width_pi, out)
+        self.pi = nn.Linear(width_pi, self.head.width)
         self.vf = nn.Linear(width_vf, 1)
         self.log_std = (
-            None if self.discrete else nn.Parameter(torch.full((out,), spec.log_std_init))
+            nn.Parameter(torch.full((self.head.width,), spec.log_std_init))
+            if self.head.gaussian
+            else None
         )
-        self.flatten = spec.arch == "mlp"
         if spec.ortho_init:
             self._orthogonal_init()
 
@@ -194,12 +200,13 @@ class ActorCritic(nn.Module):
         nn.init.orthogonal_(self.vf.weight, gain=1.0)
 
     def forward(self, obs: Tensor) -> tuple[Distribution, Tensor]:
-        x = obs.flatten(1).float() if self.flatten else obs
+        x = obs.flatten(1) if self.flatten else obs
+        if self.encoder is not None:
+            x = self.encoder(x)
+        elif self.flatten:
+            x = x.float()
         if self.shared is not None:
             x = self.shared(x)
         out = self.pi(self.actor(x))
         value = self.vf(self.critic(x)).squeeze(-1)
-        if self.discrete:
-            return Distribution(logits=out), value
-        assert self.log_std is not None
-        return Distribution(mean=out, log_std=self.log_std.expand_as(out)), value
+        return self.head.distribution(out, self.log_std), value

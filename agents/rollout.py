@@ -15,7 +15,6 @@ import warnings
 from collections import deque
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
@@ -88,15 +87,13 @@ class RolloutCollector:
         self.envs, self.policy, self.normalizer = envs, policy, normalizer
         self.n_steps, self.gamma, self.gae_lambda, self.device = n_steps, gamma, gae_lambda, device
         self.n_envs = envs.num_envs
-        obs_space, act_space = envs.single_observation_space, envs.single_action_space
+        obs_space = envs.single_observation_space
         assert obs_space.shape is not None
         obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
-        self.box = act_space if isinstance(act_space, gym.spaces.Box) else None
+        self.head = policy.head
         t, e = n_steps, self.n_envs
         self.obs = torch.zeros((t, e, *obs_space.shape), dtype=obs_dtype, device=device)
-        act_shape = () if self.box is None else tuple(self.box.shape)
-        act_dtype = torch.long if self.box is None else torch.float32
-        self.actions = torch.zeros((t, e, *act_shape), dtype=act_dtype, device=device)
+        self.actions = torch.zeros((t, e, *self.head.shape), dtype=self.head.dtype, device=device)
         self.log_probs = torch.zeros((t, e), device=device)
         self.values = torch.zeros((t, e), device=device)
         self.bootstrap = torch.zeros((t, e), device=device)  # V(final obs) at truncations
@@ -134,10 +131,7 @@ class RolloutCollector:
             self.actions[t] = action
             self.log_probs[t] = dist.log_prob(action)
             self.values[t] = value
-            env_action = action.cpu().numpy()
-            if self.box is not None:
-                env_action = np.clip(env_action, self.box.low, self.box.high)
-            raw, reward, terminated, truncated, info = self.envs.step(env_action)
+            raw, reward, terminated, truncated, info = self.envs.step(self.head.to_env(action))
             raw, reward = self._finite(raw, "observations"), self._finite(reward, "rewards")
             self.timesteps += self.n_envs
             ends = terminated | truncated

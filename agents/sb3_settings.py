@@ -84,7 +84,7 @@ def sb3_arguments(cfg: Config) -> dict[str, Any]:
 def _policy_kwargs(cfg: Config) -> str | None:
     """SB3 ``policy_kwargs`` as rl-zoo writes them (a ``dict(...)`` expression)."""
     parts = []
-    if cfg.arch == "mlp" and list(cfg.hidden) != [64, 64]:
+    if not cfg.expects_images() and list(cfg.hidden) != [64, 64]:
         parts.append(f"net_arch=dict(pi={list(cfg.hidden)}, vf={list(cfg.hidden)})")
     if cfg.activation == "relu":
         parts.append("activation_fn=nn.ReLU")
@@ -117,8 +117,12 @@ def zoo_entry(cfg: Config) -> dict[str, Any]:
     entry.update(
         n_envs=cfg.n_envs,
         n_timesteps=float(cfg.total_timesteps),
-        policy="CnnPolicy" if cfg.arch == "cnn" else "MlpPolicy",
+        policy="CnnPolicy" if cfg.expects_images() else "MlpPolicy",
     )
+    if cfg.env_kwargs:
+        entry["env_kwargs"] = {**entry.get("env_kwargs", {}), **cfg.env_kwargs}
+    if cfg.wrappers:  # env_packages: rl-zoo's --gym-packages on its command line
+        entry["env_wrapper"] = [*entry.get("env_wrapper", []), *cfg.wrappers]
     if cfg.normalize_obs or cfg.normalize_reward:
         entry["normalize"] = (
             True

@@ -115,15 +115,15 @@ class Trainer:
                 f"run directory {run_dir} is not empty; pass --resume {run_dir}/last.pt "
                 "or choose another --log-dir"
             )
-        check_env_id(cfg.env_id)
+        check_env_id(cfg.env_id, cfg.env_packages, cfg.env_kwargs)
         # idle cores matter for large networks only; measured before env workers start
-        idle = idle_cores() if cfg.threads is None and cfg.arch == "cnn" else None
+        idle = idle_cores() if cfg.threads is None and cfg.expects_images() else None
         self.device = _rank_device(resolve_device(cfg.device))
         self.comm = init_distributed(self.device)  # every rank has passed the checks above
         self.rank = self.comm.rank if self.comm else 0
         self.world_size = self.comm.world_size if self.comm else 1
         seed_everything(cfg.seed)
-        self.envs = make_vec_env(cfg.env_id, cfg.n_envs, cfg.vec_env, cfg.frame_stack)
+        self.envs = make_vec_env(cfg.env_id, cfg.n_envs, **cfg.env_options())
         obs_space = self.envs.single_observation_space
         try:
             self.policy = ActorCritic(obs_space, self.envs.single_action_space, cfg.policy_spec())

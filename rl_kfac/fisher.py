@@ -7,6 +7,9 @@ expectation (Martens & Grosse 2015, §5; ACKTR, Wu et al. 2017, §3.1):
 
 - categorical over logits z:  N ∂L/∂z_n = p_n − e_{a_n},  E[(·)(·)ᵀ] = diag(p) − p pᵀ;
 - diagonal Gaussian over its mean μ:  N ∂L/∂μ_n = −ε_n/σ,  E[(·)(·)ᵀ] = diag(1/σ²);
+- independent Bernoullis over logits z:  N ∂L/∂z_n = σ(z_n) − b_n,  E = diag(σ(z)(1 − σ(z)));
+- independent categoricals (MultiDiscrete): one categorical term per sub-action; the Fisher is
+  block-diagonal over sub-actions and the losses add;
 - value head, Gauss-Newton (Gaussian with σ = 1):  N ∂L/∂v_n = −ε_n,  E = 1.
 """
 
@@ -28,6 +31,20 @@ def sample_categorical(logits: Tensor) -> Tensor:
 def categorical_fisher_loss(logits: Tensor) -> Tensor:
     """Mean NLL of actions sampled from the policy's own categorical distribution."""
     return F.cross_entropy(logits, sample_categorical(logits))
+
+
+def multi_categorical_fisher_loss(logits: Tensor, sizes: list[int]) -> Tensor:
+    """Sum over sub-actions of :func:`categorical_fisher_loss`; ``logits`` holds each
+    sub-action's logits side by side (``sizes`` of them each) in its last dimension."""
+    return torch.stack([categorical_fisher_loss(z) for z in logits.split(sizes, dim=-1)]).sum()
+
+
+def bernoulli_fisher_loss(logits: Tensor) -> Tensor:
+    """Mean NLL (summed over the bits) of bits sampled from independent ``Bernoulli(σ(z))``."""
+    with torch.no_grad():
+        bits = torch.bernoulli(torch.sigmoid(logits))
+    nll = F.binary_cross_entropy_with_logits(logits, bits, reduction="none")
+    return nll.sum(dim=-1).mean()
 
 
 def gaussian_fisher_loss(mean: Tensor, log_std: Tensor) -> Tensor:

@@ -84,13 +84,33 @@ def test_log_dir_naming_a_file_is_refused(tmp_path, capsys):
     assert path.read_text() == "mine"
 
 
+class TextObservationToy(gym.Env):
+    """An observation part no policy here takes (a Text space inside a Dict)."""
+
+    observation_space = gym.spaces.Dict(
+        {"note": gym.spaces.Text(5), "x": gym.spaces.Box(-1, 1, (2,))}
+    )
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, True, False, {}
+
+
 # -- one line, before anything is written ----------------------------------------------------------
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["env_id=Blackjack-v1"], "unsupported observation space Tuple"),
-        (["env_id=FrozenLake-v1"], "unsupported observation space Discrete"),
-        (["arch=cnn"], "needs (C, 84, 84) images"),
+        (["env_id=TextObservationToy-v0"], "unsupported observation['note'] space Text"),
+        (["arch=cnn"], "arch 'cnn' needs image observations"),
+        (["env_packages=[no_such_package]"], "env_packages: cannot import 'no_such_package'"),
+        (["env_packages=['gymnasium:no_such_function']"], "cannot import 'gymnasium:no_such_"),
+        (["wrappers=[gymnasium.wrappers.NoSuchWrapper]"], "wrappers: cannot import"),
+        (["wrappers=[{gymnasium.wrappers.TimeLimit: 5}]"], "arguments of 'gymnasium.wrappers"),
+        (["env_kwargs={bogus: 1}"], "cannot make CartPole-v1"),
+        (["env_kwargs=[1]"], "env_kwargs must be a mapping"),
         (["lr=.inf"], "lr must be finite"),
         (["damping=.inf"], "damping must be finite"),
         (["lr=.nan"], "lr must be finite"),
@@ -98,6 +118,8 @@ def test_log_dir_naming_a_file_is_refused(tmp_path, capsys):
     ],
 )
 def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, capsys, overrides, message):
+    if "TextObservationToy-v0" not in gym.registry:
+        gym.register("TextObservationToy-v0", entry_point=TextObservationToy)
     run = tmp_path / "run"
     sets = [x for o in overrides for x in ("--set", o)]
     one_line_error(capsys, train(run, 160, *sets), message)

@@ -18,9 +18,9 @@ from agents.trainer import Trainer, trainer_from_checkpoint
 CARTPOLE = "configs/acktr/cartpole.yaml"
 
 
-class MultiDiscreteToy(gym.Env):
+class TupleActionToy(gym.Env):
     observation_space = gym.spaces.Box(-1, 1, (2,))
-    action_space = gym.spaces.MultiDiscrete([2, 3])
+    action_space = gym.spaces.Tuple([gym.spaces.Discrete(2), gym.spaces.Discrete(3)])
 
     def reset(self, *, seed=None, options=None):
         return np.zeros(2, np.float32), {}
@@ -29,9 +29,9 @@ class MultiDiscreteToy(gym.Env):
         return np.zeros(2, np.float32), 0.0, True, False, {}
 
 
-def register_multidiscrete_toy():
-    if "MultiDiscreteToy-v0" not in gym.registry:
-        gym.register("MultiDiscreteToy-v0", entry_point=MultiDiscreteToy)
+def register_tuple_action_toy():
+    if "TupleActionToy-v0" not in gym.registry:
+        gym.register("TupleActionToy-v0", entry_point=TupleActionToy)
 
 
 @pytest.mark.parametrize(
@@ -66,13 +66,13 @@ def test_every_shipped_config_is_valid():
     ("args", "message"),
     [
         (["--set", "env_id=NoSuchEnv-v0"], "unknown env id 'NoSuchEnv-v0'"),
-        (["--set", "env_id=MultiDiscreteToy-v0"], "unsupported action space"),
+        (["--set", "env_id=TupleActionToy-v0"], "unsupported action space"),
         (["--set", "bogus=1"], "unknown config key(s) ['bogus']"),
         (["--set", "kl_clip=0"], "kl_clip must be > 0"),
     ],
 )
 def test_cli_rejects_bad_input_before_writing_anything(tmp_path, capsys, args, message):
-    register_multidiscrete_toy()
+    register_tuple_action_toy()
     run_dir = tmp_path / "run"
     code = train_main(["--config", CARTPOLE, "--log-dir", str(run_dir), *args])
     err = capsys.readouterr().err.strip()
