@@ -17,11 +17,11 @@ from stable_baselines3.common.distributions import (
     MultiCategoricalDistribution,
 )
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.envs import FakeImageEnv, IdentityEnv
+from stable_baselines3.common.envs import FakeImageEnv
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from rl_kfac import KFAC
-from rl_kfac.sb3 import ACKTR, PPOKFAC, distribution_kl, policy_fisher_loss
+from rl_kfac.sb3 import ACKTR, PPOKFAC, KFACActorCriticPolicy, distribution_kl, policy_fisher_loss
 from tests.dense import with_ones
 
 SMALL = {
@@ -209,9 +209,10 @@ def test_invalid_setups_fail_before_training():
         ACKTR("MlpPolicy", env, policy_kwargs=dict(optimizer_kwargs={"damping": 0.1}))
     with pytest.raises(ValueError, match="gSDE"):
         PPOKFAC("MlpPolicy", env_for("box"), use_sde=True)
-    binary = make_vec_env(lambda: IdentityEnv(space=spaces.MultiBinary(3)), n_envs=1)
-    with pytest.raises(ValueError, match="Discrete, MultiDiscrete and Box"):
-        ACKTR("MlpPolicy", binary)
+    with pytest.raises(ValueError, match="Discrete, MultiDiscrete, MultiBinary and Box"):
+        KFACActorCriticPolicy(
+            spaces.Box(-1, 1, (2,)), spaces.Tuple([spaces.Discrete(2)]), lambda _: 0.1
+        )
     with pytest.raises(ValueError, match="statistics"):
         KFAC(torch.nn.Linear(2, 2), statistics="diagonal")  # type: ignore[arg-type]
 

@@ -30,6 +30,7 @@ OBSERVATIONS = {
     "box-uint8-vector": Box(0, 255, (6,), np.uint8),  # not an image: 1-D
     "box-bool": Box(0, 1, (4,), np.bool_),
     "discrete": Discrete(5, start=2),
+    "discrete-0": Discrete(4),  # SB3 takes no start offset
     "multidiscrete": gym.spaces.MultiDiscrete([3, 4]),
     "multibinary": gym.spaces.MultiBinary(5),
     "tuple": gym.spaces.Tuple([Discrete(3), Box(-1.0, 1.0, (2,))]),
@@ -40,6 +41,7 @@ OBSERVATIONS = {
 }
 ACTIONS = {
     "discrete": Discrete(3, start=-1),
+    "discrete-0": Discrete(3),
     "multidiscrete": gym.spaces.MultiDiscrete([2, 3]),
     "multibinary": gym.spaces.MultiBinary(3),
     "box-2d": Box(-1.0, 1.0, (2, 2)),
@@ -276,3 +278,52 @@ def test_sampled_fisher_losses_of_the_new_heads_average_to_the_exact_fisher():
     exact = torch.block_diag(torch.diag(q) - torch.outer(q, q), torch.diag(r) - torch.outer(r, r))
     got = mc(lambda z: multi_categorical_fisher_loss(z, [2, 3]), z1)
     torch.testing.assert_close(got, exact, atol=6e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "obs, act",
+    [
+        ("discrete-0", "multibinary"),
+        ("multidiscrete", "multidiscrete"),
+        ("multibinary", "box-2d"),
+        ("dict", "discrete-0"),
+        ("box-bool", "multibinary"),
+    ],
+)
+@pytest.mark.parametrize("algo", ["ACKTR", "PPOKFAC"])
+def test_sb3_classes_take_the_spaces_sb3_takes(tmp_path, obs, act, algo):
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import rl_kfac.sb3 as sb3
+
+    register_toy()
+    envs = make_vec_env("SpaceToy-v0", n_envs=2, env_kwargs={"obs": obs, "act": act})
+    policy = "MultiInputPolicy" if obs == "dict" else "MlpPolicy"
+    cls = getattr(sb3, algo)
+    kwargs = {"n_steps": 8, "batch_size": 16} if algo == "PPOKFAC" else {"n_steps": 8}
+    model = cls(policy, envs, seed=0, **kwargs).learn(48)
+    assert model.num_timesteps >= 48
+    assert len(model.policy.optimizer.blocks) == sum(
+        isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.policy.modules()
+    )
+    model.save(tmp_path / "m.zip")
+    loaded = cls.load(tmp_path / "m.zip", env=envs)
+    obs0 = envs.reset()
+    np.testing.assert_array_equal(
+        model.predict(obs0, deterministic=True)[0], loaded.predict(obs0, deterministic=True)[0]
+    )
+
+
+def test_sb3_bernoulli_fisher_loss_averages_to_the_exact_fisher():
+    from stable_baselines3.common.distributions import BernoulliDistribution
+
+    from rl_kfac.sb3 import policy_fisher_loss
+
+    torch.manual_seed(2)
+    n, z0 = 200_000, torch.tensor([0.4, -1.0, 2.0])
+    z = z0.expand(n, -1).clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(
+        policy_fisher_loss(BernoulliDistribution(3).proba_distribution(z)), z
+    )
+    p = z0.sigmoid()
+    torch.testing.assert_close((n * g).T @ (n * g) / n, torch.diag(p * (1 - p)), atol=4e-3, rtol=0)

@@ -12,12 +12,14 @@ from rl_kfac.sb3.algorithms import ACKTR, PPOKFAC
 from rl_kfac.sb3.policies import (
     KFACActorCriticCnnPolicy,
     KFACActorCriticPolicy,
+    KFACMultiInputActorCriticPolicy,
     distribution_kl,
     policy_fisher_loss,
 )
 
 MlpPolicy = KFACActorCriticPolicy
 CnnPolicy = KFACActorCriticCnnPolicy
+MultiInputPolicy = KFACMultiInputActorCriticPolicy
 
 __all__ = [
     "ACKTR",
@@ -25,7 +27,9 @@ __all__ = [
     "CnnPolicy",
     "KFACActorCriticCnnPolicy",
     "KFACActorCriticPolicy",
+    "KFACMultiInputActorCriticPolicy",
     "MlpPolicy",
+    "MultiInputPolicy",
     "distribution_kl",
     "policy_fisher_loss",
 ]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
+from gymnasium import spaces
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import Distribution
@@ -28,11 +29,17 @@ from rl_kfac.actor_critic import adapt_damping_to_kl
 from rl_kfac.damping import KLDampingController
 from rl_kfac.diagnostics import log_diagnostics
 from rl_kfac.optimizer import KFAC
-from rl_kfac.sb3.policies import KFACActorCriticCnnPolicy, KFACActorCriticPolicy, distribution_kl
+from rl_kfac.sb3.policies import (
+    KFACActorCriticCnnPolicy,
+    KFACActorCriticPolicy,
+    KFACMultiInputActorCriticPolicy,
+    distribution_kl,
+)
 
 _POLICIES: dict[str, type[BasePolicy]] = {
     "MlpPolicy": KFACActorCriticPolicy,
     "CnnPolicy": KFACActorCriticCnnPolicy,
+    "MultiInputPolicy": KFACMultiInputActorCriticPolicy,
 }
 _KL_CHUNK = 4096  # states per no-grad forward when measuring the update's KL
 
@@ -150,8 +157,9 @@ class _KFACTraining(_Algorithm):
     ) -> None:
         if not issubclass(self.policy_class, KFACActorCriticPolicy):
             raise ValueError(
-                f"{type(self).__name__} needs a K-FAC policy ('MlpPolicy', 'CnnPolicy' or a "
-                f"KFACActorCriticPolicy subclass), got {self.policy_class.__name__}"
+                f"{type(self).__name__} needs a K-FAC policy ('MlpPolicy', 'CnnPolicy', "
+                f"'MultiInputPolicy' or a KFACActorCriticPolicy subclass), got "
+                f"{self.policy_class.__name__}"
             )
         if damping_target_kl is None and damping_kwargs:
             raise ValueError("damping_kwargs need damping_target_kl")
@@ -178,13 +186,27 @@ class _KFACTraining(_Algorithm):
         log_diagnostics(optimizer.diagnostics, self.logger.record)
 
     def _rollout_states(self) -> list[Any]:
-        """The rollout's observations as tensors, in chunks (copies: SB3 reshuffles the buffer)."""
-        shape = self.policy.observation_space.shape or ()
-        flat = np.asarray(self.rollout_buffer.observations).reshape(-1, *shape)
+        """The rollout's observations as tensors (dicts of them for Dict observations), in
+        chunks (copies: SB3 reshuffles the buffer)."""
+        space = self.policy.observation_space
+        stored = self.rollout_buffer.observations
+        if isinstance(stored, dict):
+            assert isinstance(space, spaces.Dict)
+            flat: Any = {
+                k: np.asarray(v).reshape(-1, *(space[k].shape or ())) for k, v in stored.items()
+            }
+            n = len(next(iter(flat.values())))
+        else:
+            flat = np.asarray(stored).reshape(-1, *(space.shape or ()))
+            n = len(flat)
         device = self.policy.device
-        return [
-            obs_as_tensor(flat[i : i + _KL_CHUNK], device) for i in range(0, len(flat), _KL_CHUNK)
-        ]
+
+        def chunk(i: int) -> Any:
+            if isinstance(flat, dict):
+                return {k: v[i : i + _KL_CHUNK] for k, v in flat.items()}
+            return flat[i : i + _KL_CHUNK]
+
+        return [obs_as_tensor(chunk(i), device) for i in range(0, n, _KL_CHUNK)]
 
     @torch.no_grad()
     def _distributions(self, states: list[Any]) -> list[Distribution]:

@@ -16,31 +16,35 @@ from typing import Any
 import torch
 from gymnasium import spaces
 from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
     CategoricalDistribution,
     DiagGaussianDistribution,
     Distribution,
     MultiCategoricalDistribution,
 )
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.torch_layers import NatureCNN
+from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import Schedule
 from torch import Tensor
 
 from rl_kfac.actor_critic import record_fisher
-from rl_kfac.fisher import categorical_fisher_loss, gaussian_fisher_loss
+from rl_kfac.fisher import bernoulli_fisher_loss, categorical_fisher_loss, gaussian_fisher_loss
 from rl_kfac.optimizer import KFAC
 
-SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.MultiDiscrete, spaces.Box)
+SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary, spaces.Box)
 
 
 def policy_fisher_loss(distribution: Distribution) -> Tensor:
-    """Sampled-Fisher loss of an SB3 Categorical, MultiCategorical or DiagGaussian distribution."""
+    """Sampled-Fisher loss of an SB3 Categorical, MultiCategorical, Bernoulli or DiagGaussian
+    distribution."""
     if isinstance(distribution, CategoricalDistribution):
         return categorical_fisher_loss(distribution.distribution.logits)
     if isinstance(distribution, MultiCategoricalDistribution):
         # independent sub-actions: the Fisher is block-diagonal, the losses add
         parts = distribution.distribution
         return torch.stack([categorical_fisher_loss(d.logits) for d in parts]).sum()
+    if isinstance(distribution, BernoulliDistribution):
+        return bernoulli_fisher_loss(distribution.distribution.logits)
     if isinstance(distribution, DiagGaussianDistribution):
         normal = distribution.distribution
         return gaussian_fisher_loss(normal.mean, normal.scale.log())
@@ -53,7 +57,8 @@ def distribution_kl(old: Distribution, new: Distribution) -> Tensor:
         pairs = zip(old.distribution, new.distribution)  # type: ignore[arg-type]
         return torch.stack([torch.distributions.kl_divergence(p, q) for p, q in pairs]).sum(0)
     kl = torch.distributions.kl_divergence(old.distribution, new.distribution)  # type: ignore[arg-type]
-    return kl.sum(-1) if isinstance(old, DiagGaussianDistribution) else kl
+    independent = isinstance(old, (DiagGaussianDistribution, BernoulliDistribution))
+    return kl.sum(-1) if independent else kl
 
 
 class KFACActorCriticPolicy(ActorCriticPolicy):
@@ -63,7 +68,7 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
     of the value head's Gauss-Newton term in the Fisher loss). ``optimizer_kwargs`` go to
     :class:`~rl_kfac.KFAC`, which is built on the policy module itself (every ``nn.Linear`` /
     ``nn.Conv2d`` is a Kronecker block; the Gaussian log-std gets the plain gradient).
-    Supported action spaces: Discrete, MultiDiscrete, Box (no gSDE).
+    Supported action spaces: Discrete, MultiDiscrete, MultiBinary, Box (no gSDE).
     """
 
     optimizer: KFAC
@@ -80,7 +85,7 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         **kwargs: Any,
     ) -> None:
         if not isinstance(action_space, SUPPORTED_ACTION_SPACES):
-            supported = "Discrete, MultiDiscrete and Box"
+            supported = "Discrete, MultiDiscrete, MultiBinary and Box"
             raise ValueError(f"K-FAC policies support {supported} actions, got {action_space}")
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, KFAC)):
             raise ValueError(f"optimizer_class must be KFAC or a subclass, got {optimizer_class}")
@@ -130,7 +135,10 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         """The action distribution from the action head's output (means, or logits)."""
         if isinstance(self.action_dist, DiagGaussianDistribution):
             return self.action_dist.proba_distribution(action_net_output, self.log_std)
-        assert isinstance(self.action_dist, (CategoricalDistribution, MultiCategoricalDistribution))
+        assert isinstance(
+            self.action_dist,
+            (CategoricalDistribution, MultiCategoricalDistribution, BernoulliDistribution),
+        )
         return self.action_dist.proba_distribution(action_logits=action_net_output)
 
 
@@ -144,6 +152,29 @@ class KFACActorCriticCnnPolicy(KFACActorCriticPolicy):
         lr_schedule: Schedule,
         *args: Any,
         features_extractor_class: type = NatureCNN,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            *args,
+            features_extractor_class=features_extractor_class,
+            **kwargs,
+        )
+
+
+class KFACMultiInputActorCriticPolicy(KFACActorCriticPolicy):
+    """``MultiInputPolicy`` (Dict observations): :class:`KFACActorCriticPolicy` with SB3's
+    ``CombinedExtractor`` (a Nature CNN per image key, the other keys flattened)."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        features_extractor_class: type = CombinedExtractor,
         **kwargs: Any,
     ) -> None:
         super().__init__(
