@@ -107,7 +107,8 @@ class KFACAlgorithm:
     def adapt_damping(self, kl: Tensor) -> None:
         """KL-based damping from this update's KL(π_old ‖ π_new), averaged over ranks."""
         if self.kl_damping is not None:
-            adapt_damping_to_kl(self.optimizer, self.kl_damping, self.global_mean(kl))
+            kl_mean = self.global_mean(kl)
+            adapt_damping_to_kl(self.optimizer, self.kl_damping, kl_mean, self.cfg.lr)
 
     def update(self, batch: Batch, progress: float) -> Stats:
         raise NotImplementedError

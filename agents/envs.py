@@ -103,7 +103,8 @@ def check_env_id(
     try:
         gym.spec(env_id)
     except gym.error.Error as err:
-        hint = "" if env_packages else " (does a package register it? `env_packages`)"
+        unnamed = isinstance(err, (gym.error.NameNotFound, gym.error.NamespaceNotFound))
+        hint = " (does a package register it? `env_packages`)" if unnamed else ""
         raise ValueError(f"unknown env id {env_id!r}: {err}{hint}") from None
     if env_kwargs is not None and not isinstance(env_kwargs, dict):
         raise ValueError(f"env_kwargs must be a mapping, got {env_kwargs!r}")
@@ -182,8 +183,9 @@ def _probe(thunk: Callable[[], gym.Env], env_id: str) -> gym.Env:
         env = thunk()
     except gym.error.Error as err:
         raise ValueError(f"cannot make {env_id}: {err}") from None
-    except TypeError as err:  # env_kwargs or wrapper arguments the class does not take
-        raise ValueError(f"cannot make {env_id}: {err}") from None
+    except (TypeError, ImportError) as err:  # arguments it does not take; missing packages
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"cannot make {env_id}: {message}") from None
     try:
         check_observation_space(getattr(env.observation_space, "source", env.observation_space))
         ActionHead(env.action_space)

@@ -45,9 +45,15 @@ def record_fisher(
         optimizer.fisher_backward(actor_critic_fisher_loss(policy_loss(), values, vf_fisher_coef))
 
 
-def adapt_damping_to_kl(optimizer: KFAC, controller: KLDampingController, kl: float) -> float:
-    """Move λ toward the controller's target KL given the update's measured KL; the new λ."""
-    damping = controller.update(optimizer.damping, kl)
+def adapt_damping_to_kl(
+    optimizer: KFAC, controller: KLDampingController, kl: float, initial_lr: float | None = None
+) -> float:
+    """Move λ toward the controller's target KL given the update's measured KL; the new λ.
+    With ``initial_lr`` the target follows the learning-rate schedule: it is scaled by the
+    square of the optimizer's current lr over ``initial_lr``
+    (:meth:`~rl_kfac.damping.KLDampingController.update`)."""
+    fraction = 1.0 if not initial_lr else optimizer.param_groups[0]["lr"] / initial_lr
+    damping = controller.update(optimizer.damping, kl, fraction)
     optimizer.set_damping(damping)
     return damping
 

@@ -81,6 +81,31 @@ def test_kl_damping_is_monotone_bounded_and_moves_toward_the_target():
     assert ctl.update(0.01, math.nan) == 0.01
     with pytest.raises(ValueError):
         KLDampingController(damping_min=1.0, damping_max=0.1)
+    # at half the initial learning rate an update's KL is a quarter: the target follows
+    assert ctl.update(0.01, 0.0025, lr_fraction=0.5) == pytest.approx(0.01)
+    assert ctl.update(0.01, 0.01, lr_fraction=0.5) == pytest.approx(0.02)
+    assert ctl.update(0.01, 0.0, lr_fraction=0.0) == 0.01  # the last step at lr 0: keep λ
+
+
+def test_kl_damping_does_not_undo_a_decaying_learning_rate():
+    """Steps whose KL is ∝ lr²/λ (the quadratic model): with the target scaled by the schedule,
+    λ settles where it was instead of falling as the learning rate decays."""
+    from rl_kfac import KFAC
+    from rl_kfac.actor_critic import adapt_damping_to_kl
+
+    ctl = KLDampingController(target_kl=0.003, damping_min=1e-4, damping_max=1.0)
+    opt = KFAC(torch.nn.Linear(2, 2), lr=0.25, damping=0.05)
+    for progress in np.linspace(0, 0.99, 300):
+        opt.param_groups[0]["lr"] = 0.25 * (1 - progress)
+        kl = 0.003 * (opt.param_groups[0]["lr"] / 0.25) ** 2 * (0.05 / opt.damping)
+        adapt_damping_to_kl(opt, ctl, kl, initial_lr=0.25)
+    assert opt.damping == pytest.approx(0.05, rel=0.05)
+    fixed = KFAC(torch.nn.Linear(2, 2), lr=0.25, damping=0.05)  # without: λ falls to its floor
+    for progress in np.linspace(0, 0.99, 300):
+        fixed.param_groups[0]["lr"] = 0.25 * (1 - progress)
+        kl = 0.003 * (fixed.param_groups[0]["lr"] / 0.25) ** 2 * (0.05 / fixed.damping)
+        adapt_damping_to_kl(fixed, ctl, kl)
+    assert fixed.damping < 0.005
 
 
 def test_levenberg_marquardt_rule():

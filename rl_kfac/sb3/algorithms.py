@@ -181,7 +181,7 @@ class _KFACTraining(_Algorithm):
         if states is not None and old is not None and self.kl_damping is not None:
             new = self._distributions(states)
             kl = float(torch.cat([distribution_kl(p, q) for p, q in zip(old, new)]).mean())
-            adapt_damping_to_kl(optimizer, self.kl_damping, kl)
+            adapt_damping_to_kl(optimizer, self.kl_damping, kl, self.lr_schedule(1.0))
             self.logger.record("kfac/kl", kl)
         log_diagnostics(optimizer.diagnostics, self.logger.record)
 
