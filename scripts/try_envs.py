@@ -33,7 +33,7 @@ CONFIG = ROOT / "configs/acktr/cartpole.yaml"
 def spaces_of(env_id: str) -> str:
     try:
         env = gym.make(env_id)
-    except Exception as err:  # noqa: BLE001  # any failure is reported, not raised
+    except Exception as err:  # any failure is reported, not raised
         return f"cannot make: {type(err).__name__}"
     text = f"{env.observation_space} -> {env.action_space}"
     env.close()
