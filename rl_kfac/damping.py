@@ -47,8 +47,8 @@ class KLDampingController:
     ``target = target_kl · (lr / lr₀)²`` under a learning-rate schedule (see :meth:`update`):
     an update that overshoots the target raises λ (shorter, more curvature-dominated steps), a
     timid one lowers it. The response is monotone in the measured KL and bounded per update and
-    overall. Reference RL implementations adapt the step size from the KL instead (e.g. PPO's adaptive
-    KL penalty, Schulman et al. 2017); here the step size stays the trust region's job.
+    overall. Reference RL implementations adapt the step size from the KL instead (e.g. PPO's
+    adaptive KL penalty, Schulman et al. 2017); here the step size stays the trust region's job.
     """
 
     def __init__(
