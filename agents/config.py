@@ -98,6 +98,7 @@ class Config:
     activation: Activation = "tanh"
     shared_trunk: bool = False
     cnn_last_filters: int = 32
+    normalize_images: bool = True  # uint8 images / 255; off for grids of codes (MiniGrid)
     log_std_init: float = 0.0
     ortho_init: bool = True
     # bookkeeping
@@ -126,6 +127,7 @@ class Config:
             activation=self.activation,
             shared_trunk=self.shared_trunk,
             cnn_last_filters=self.cnn_last_filters,
+            normalize_images=self.normalize_images,
             log_std_init=self.log_std_init,
             ortho_init=self.ortho_init,
         )

@@ -38,6 +38,7 @@ class PolicySpec:
     activation: Activation = "tanh"
     shared_trunk: bool = False  # MLP only; the CNN trunk is always shared
     cnn_last_filters: int = 32  # the ACKTR paper's last conv layer; Nature DQN uses 64
+    normalize_images: bool = True  # divide uint8 images by 255 (SB3's option of that name)
     log_std_init: float = 0.0
     ortho_init: bool = True
 
@@ -50,18 +51,20 @@ def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
 
 
 class ImageEncoder(nn.Module):
-    """A CNN on uint8 images (N, C, H, W) or (N, H, W, C), scaled to [0, 1]; ``features``
+    """A CNN on uint8 images (N, C, H, W) or (N, H, W, C), scaled to [0, 1] unless ``scale``
+    is off (grids of small integer codes, such as MiniGrid's, are not pixels); ``features``
     outputs. ``net`` holds the layers (the Nature CNN's keep the indices of earlier versions)."""
 
     features: int
     net: nn.Sequential
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
+    def __init__(self, shape: tuple[int, ...], scale: bool = True) -> None:
         super().__init__()
         self.channels_last = image_chw(shape) != tuple(shape)
+        self.scale = 1.0 / 255.0 if scale else 1.0
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.float() / 255.0
+        x = x.float() * self.scale
         if self.channels_last:
             x = x.permute(0, 3, 1, 2)
         return self.net(x)
@@ -77,8 +80,10 @@ class ImageEncoder(nn.Module):
 class NatureCNN(ImageEncoder):
     """Mnih et al. (2015): 32 8x8/4, 64 4/2 and ``last_filters`` 3/1 convolutions, 512 units."""
 
-    def __init__(self, shape: tuple[int, ...], last_filters: int, features: int = 512) -> None:
-        super().__init__(shape)
+    def __init__(
+        self, shape: tuple[int, ...], last_filters: int, features: int = 512, scale: bool = True
+    ) -> None:
+        super().__init__(shape, scale)
         c, h, w = image_chw(shape)
         if min(h, w) < NATURE_MIN_SIDE:
             raise ValueError(
@@ -101,8 +106,8 @@ class SmallCNN(ImageEncoder):
     256 units. A convolution strides 2 where its output would exceed 8x8 and pads 1 where its
     input is under 5 wide, so the linear layer's input (and its K-FAC factor A) stays small."""
 
-    def __init__(self, shape: tuple[int, ...], features: int = 256) -> None:
-        super().__init__(shape)
+    def __init__(self, shape: tuple[int, ...], features: int = 256, scale: bool = True) -> None:
+        super().__init__(shape, scale)
         c, h, w = image_chw(shape)
         convs: list[nn.Module] = []
         side, channels = min(h, w), c
@@ -114,22 +119,23 @@ class SmallCNN(ImageEncoder):
         self._finish(convs, (c, h, w), features)
 
 
-def image_encoder(arch: Arch, shape: tuple[int, ...], last_filters: int) -> ImageEncoder:
+def image_encoder(arch: Arch, shape: tuple[int, ...], spec: PolicySpec) -> ImageEncoder:
     _, h, w = image_chw(shape)
     nature = arch == "nature_cnn" or (arch in ("auto", "cnn") and min(h, w) >= NATURE_MIN_SIDE)
-    return NatureCNN(shape, last_filters) if nature else SmallCNN(shape)
+    scale = spec.normalize_images
+    if nature:
+        return NatureCNN(shape, spec.cnn_last_filters, scale=scale)
+    return SmallCNN(shape, scale=scale)
 
 
 class MixedEncoder(nn.Module):
     """A flattened Tuple/Dict observation with image parts: each image through its own CNN,
     the other parts as they are, concatenated."""
 
-    def __init__(self, parts: list[Part], arch: Arch, last_filters: int) -> None:
+    def __init__(self, parts: list[Part], spec: PolicySpec) -> None:
         super().__init__()
         self.parts = parts
-        self.cnns = nn.ModuleList(
-            image_encoder(arch, p.shape, last_filters) for p in parts if p.image
-        )
+        self.cnns = nn.ModuleList(image_encoder(spec.arch, p.shape, spec) for p in parts if p.image)
         cnn_features = [cnn.features for cnn in self.cnns if isinstance(cnn, ImageEncoder)]
         self.features = sum(p.stop - p.start for p in parts if not p.image) + sum(cnn_features)
 
@@ -165,12 +171,12 @@ class ActorCritic(nn.Module):
         self.encoder: nn.Module | None = None
         self.flatten = True
         if spec.arch != "mlp" and len(parts) == 1 and images:  # one image: CNN, then the heads
-            cnn = image_encoder(spec.arch, images[0].shape, spec.cnn_last_filters)
+            cnn = image_encoder(spec.arch, images[0].shape, spec)
             self.shared, width_pi, width_vf, self.flatten = cnn, cnn.features, cnn.features, False
         else:
             width = int(np.prod(obs_space.shape or (1,)))
             if spec.arch != "mlp" and images:
-                self.encoder = MixedEncoder(parts, spec.arch, spec.cnn_last_filters)
+                self.encoder = MixedEncoder(parts, spec)
                 width = self.encoder.features
             sizes = [width, *spec.hidden]
             if spec.shared_trunk:

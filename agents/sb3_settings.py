@@ -92,6 +92,8 @@ def _policy_kwargs(cfg: Config) -> str | None:
         parts.append(f"log_std_init={cfg.log_std_init:g}")
     if not cfg.ortho_init:
         parts.append("ortho_init=False")
+    if not cfg.normalize_images:
+        parts.append("normalize_images=False")
     optimizer = {
         "damping_mode": "exact",
         "conv_approx": "expand",

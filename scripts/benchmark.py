@@ -62,6 +62,16 @@ TASKS: dict[str, dict[str, Any]] = {
         "ppo_kfac_config": "configs/ppo_kfac/halfcheetah.yaml",
         "zoo": "HalfCheetah-v4",  # rl-zoo's MuJoCo settings are listed under v4
     },
+    # a third-party package's environment (Farama's minigrid): our agents see the 7x7x3 grid
+    # through ImgObsWrapper (configs/*/minigrid.yaml), SB3 PPO rl-zoo's FlatObsWrapper and MLP
+    "MiniGrid-DoorKey-5x5-v0": {
+        "threshold": 0.9,  # the optimum is about 0.96 (1 - 0.9 · steps / 250, ~10 steps)
+        "timesteps": 100_000,
+        "config": "configs/acktr/minigrid.yaml",
+        "ppo_kfac_config": "configs/ppo_kfac/minigrid.yaml",
+        "zoo": "MiniGrid-DoorKey-5x5-v0",
+        "env_packages": ["minigrid"],
+    },
     # Atari runs are long: made with scripts/train.py (resumable), added with --ingest
     "ALE/Pong-v5": {
         "threshold": 18.0,
@@ -148,6 +158,7 @@ def run_sb3(algo: str, env: str, seed: int, timesteps: int, zoo: dict[str, Any])
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
+    from agents.envs import import_env_packages, resolve_wrappers
     from rl_kfac.sb3 import ACKTR, PPOKFAC
 
     torch.set_num_threads(1)
@@ -188,7 +199,16 @@ def run_sb3(algo: str, env: str, seed: int, timesteps: int, zoo: dict[str, Any])
         def _on_training_end(self) -> None:
             self._on_rollout_start()
 
-    envs = make_vec_env(env, n_envs=n_envs, seed=seed)
+    wrappers = kwargs.pop("env_wrapper", [])  # rl-zoo: one entry or a list of them
+    wrappers = resolve_wrappers(wrappers if isinstance(wrappers, list) else [wrappers])
+    import_env_packages(TASKS[env].get("env_packages", []))
+
+    def wrap(e: Any) -> Any:
+        for cls, options in wrappers:
+            e = cls(e, **options)
+        return e
+
+    envs = make_vec_env(env, n_envs=n_envs, seed=seed, wrapper_class=wrap)
     if normalize:
         options = eval(normalize, {}) if isinstance(normalize, str) else {}
         envs = VecNormalize(envs, gamma=kwargs.get("gamma", 0.99), **options)
