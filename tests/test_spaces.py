@@ -327,3 +327,14 @@ def test_sb3_bernoulli_fisher_loss_averages_to_the_exact_fisher():
     )
     p = z0.sigmoid()
     torch.testing.assert_close((n * g).T @ (n * g) / n, torch.diag(p * (1 - p)), atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("algo", ["acktr", "ppo_kfac"])
+def test_the_third_party_example_config_runs(tmp_path, algo):
+    """configs/<algo>/minigrid.yaml: a package's ids (minigrid, a dev extra), its wrapper,
+    the small CNN."""
+    cfg = load_config(f"configs/{algo}/minigrid.yaml", ["total_timesteps=1", "n_envs=2"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    assert isinstance(trainer.policy.shared, SmallCNN)
+    assert trainer.train().timesteps == cfg.n_envs * cfg.n_steps
+    trainer.close()
