@@ -72,6 +72,7 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
     """
 
     optimizer: KFAC
+    default_extractor: type | None = None  # SB3's features extractor of this policy kind
 
     def __init__(
         self,
@@ -95,6 +96,8 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         if vf_fisher_coef < 0:
             raise ValueError(f"vf_fisher_coef must be >= 0, got {vf_fisher_coef}")
         self.vf_fisher_coef = vf_fisher_coef
+        if self.default_extractor is not None:
+            kwargs.setdefault("features_extractor_class", self.default_extractor)
         # SB3's _build hands the optimizer a parameter iterator; K-FAC is built on the module
         # instead (layers known up front, no discovery hook), right after SB3's networks exist.
         super().__init__(  # type: ignore[misc]  # (optimizer_* are not in *args)
@@ -145,43 +148,11 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
 class KFACActorCriticCnnPolicy(KFACActorCriticPolicy):
     """``CnnPolicy``: :class:`KFACActorCriticPolicy` with SB3's Nature CNN feature extractor."""
 
-    def __init__(
-        self,
-        observation_space: spaces.Space,
-        action_space: spaces.Space,
-        lr_schedule: Schedule,
-        *args: Any,
-        features_extractor_class: type = NatureCNN,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            observation_space,
-            action_space,
-            lr_schedule,
-            *args,
-            features_extractor_class=features_extractor_class,
-            **kwargs,
-        )
+    default_extractor = NatureCNN
 
 
 class KFACMultiInputActorCriticPolicy(KFACActorCriticPolicy):
     """``MultiInputPolicy`` (Dict observations): :class:`KFACActorCriticPolicy` with SB3's
     ``CombinedExtractor`` (a Nature CNN per image key, the other keys flattened)."""
 
-    def __init__(
-        self,
-        observation_space: spaces.Space,
-        action_space: spaces.Space,
-        lr_schedule: Schedule,
-        *args: Any,
-        features_extractor_class: type = CombinedExtractor,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            observation_space,
-            action_space,
-            lr_schedule,
-            *args,
-            features_extractor_class=features_extractor_class,
-            **kwargs,
-        )
+    default_extractor = CombinedExtractor
