@@ -37,7 +37,7 @@ def spaces_of(env_id: str) -> str:
         return f"cannot make: {type(err).__name__}"
     text = f"{env.observation_space} -> {env.action_space}"
     env.close()
-    return text
+    return " ".join(text.split())  # Box bounds print over several lines
 
 
 def try_one(env_id: str, steps: int, timeout: float) -> dict[str, str]:
