@@ -277,6 +277,7 @@ def _report_row(task: dict[str, Any], runs: list[dict[str, str]], role: str) -> 
     seeds = [int(r["seed"]) for r in runs]
     contiguous = seeds == list(range(seeds[0], seeds[-1] + 1))
     med = statistics.median(firsts)
+    fmt = ".1f" if task["threshold"] < 10 else ".0f"  # returns of order 1 (MiniGrid)
     cells = [
         f"{env}, ≥ {task['threshold']:g}, {int(runs[0]['timesteps']) // 1000}k steps",
         NAMES.get(algo, algo),
@@ -284,7 +285,7 @@ def _report_row(task: dict[str, Any], runs: list[dict[str, str]], role: str) -> 
         f"{sum(f != float('inf') for f in firsts)} of {len(runs)}",
         "never" if med == float("inf") else _k(med),
         ", ".join("never" if f == float("inf") else _k(f) for f in firsts),
-        f"{statistics.median(finals):.0f}; " + ", ".join(f"{x:.0f}" for x in finals),
+        f"{statistics.median(finals):{fmt}}; " + ", ".join(f"{x:{fmt}}" for x in finals),
         _walls(runs),
         ", ".join(sorted({r["commit"] for r in runs})),
     ]

@@ -9,7 +9,8 @@ the reason our CLI gave.
 
     python scripts/try_envs.py [--steps 2048] [--only CartPole-v1,FrozenLake-v1]
 
-Writes ``bench_results/envs/registry.csv`` (id, spaces, outcome, the one-line message).
+Writes ``bench_results/envs/registry.csv`` (id, spaces, outcome, the one-line message, the
+commit).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import gymnasium as gym
+
+from agents.provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench_results/envs/registry.csv"
@@ -82,8 +85,10 @@ def main() -> None:
         rows.append(row)
         print(f"{row['outcome']:8s} {env_id:40s} {row['message']}", flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
+    commit = provenance()["commit"]
     with open(OUT, "w", newline="") as f:
-        table = csv.DictWriter(f, fieldnames=["env_id", "outcome", "spaces", "wall_s", "message"])
+        columns = ["env_id", "outcome", "spaces", "wall_s", "message", "commit"]
+        table = csv.DictWriter(f, fieldnames=columns, restval=commit)
         table.writeheader()
         table.writerows(rows)
     count = {k: sum(r["outcome"] == k for r in rows) for k in ("passed", "skipped", "failed")}
