@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import gymnasium as gym
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -174,7 +173,7 @@ class ActorCritic(nn.Module):
             cnn = image_encoder(spec.arch, images[0].shape, spec)
             self.shared, width_pi, width_vf, self.flatten = cnn, cnn.features, cnn.features, False
         else:
-            width = int(np.prod(obs_space.shape or (1,)))
+            width = parts[-1].stop  # the flattened observation
             if spec.arch != "mlp" and images:
                 self.encoder = MixedEncoder(parts, spec)
                 width = self.encoder.features
