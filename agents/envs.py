@@ -114,7 +114,7 @@ def _make_one(
     env_id: str,
     frame_stack: int,
     env_kwargs: dict[str, Any],
-    wrappers: Sequence[Wrapper],
+    wrappers: list[tuple[Callable[..., gym.Env], dict]],
     env_packages: Sequence[str],
 ) -> Callable[[], gym.Env]:
     def thunk() -> gym.Env:
@@ -140,8 +140,8 @@ def _make_one(
     return thunk
 
 
-def _wrap(env: gym.Env, wrappers: Sequence[Wrapper]) -> gym.Env:
-    for cls, kwargs in resolve_wrappers(wrappers):
+def _wrap(env: gym.Env, wrappers: list[tuple[Callable[..., gym.Env], dict]]) -> gym.Env:
+    for cls, kwargs in wrappers:
         env = cls(env, **kwargs)
     return env
 
@@ -160,7 +160,7 @@ def make_vec_env(
     ``ValueError`` line before any worker starts."""
     check_env_id(env_id, env_packages, env_kwargs)
     env_kwargs = dict(env_kwargs or {})
-    resolve_wrappers(wrappers)
+    resolved = resolve_wrappers(wrappers)
     if vec_env == "native" or (vec_env == "auto" and is_atari(env_id)):
         if env_kwargs or wrappers:
             raise ValueError(
@@ -168,13 +168,12 @@ def make_vec_env(
                 "(ale-py's native vector env takes neither)"
             )
         return _native_atari(env_id, n_envs, frame_stack)
-    thunks = [_make_one(env_id, frame_stack, env_kwargs, wrappers, env_packages)] * n_envs
+    thunks = [_make_one(env_id, frame_stack, env_kwargs, resolved, env_packages)] * n_envs
     probe = _probe(thunks[0], env_id)
     if vec_env == "async":
         probe.close()
         return AsyncVectorEnv(thunks, autoreset_mode=AutoresetMode.SAME_STEP)
-    envs = SyncVectorEnv([lambda: probe, *thunks[1:]], autoreset_mode=AutoresetMode.SAME_STEP)
-    return envs
+    return SyncVectorEnv([lambda: probe, *thunks[1:]], autoreset_mode=AutoresetMode.SAME_STEP)
 
 
 def _probe(thunk: Callable[[], gym.Env], env_id: str) -> gym.Env:

@@ -118,8 +118,10 @@ class SmallCNN(ImageEncoder):
         self._finish(convs, (c, h, w), features)
 
 
-def image_encoder(arch: Arch, shape: tuple[int, ...], spec: PolicySpec) -> ImageEncoder:
+def image_encoder(shape: tuple[int, ...], spec: PolicySpec) -> ImageEncoder:
+    """The CNN ``spec.arch`` asks for, or the one for the image's size."""
     _, h, w = image_chw(shape)
+    arch = spec.arch
     nature = arch == "nature_cnn" or (arch in ("auto", "cnn") and min(h, w) >= NATURE_MIN_SIDE)
     scale = spec.normalize_images
     if nature:
@@ -134,7 +136,7 @@ class MixedEncoder(nn.Module):
     def __init__(self, parts: list[Part], spec: PolicySpec) -> None:
         super().__init__()
         self.parts = parts
-        self.cnns = nn.ModuleList(image_encoder(spec.arch, p.shape, spec) for p in parts if p.image)
+        self.cnns = nn.ModuleList(image_encoder(p.shape, spec) for p in parts if p.image)
         cnn_features = [cnn.features for cnn in self.cnns if isinstance(cnn, ImageEncoder)]
         self.features = sum(p.stop - p.start for p in parts if not p.image) + sum(cnn_features)
 
@@ -170,7 +172,7 @@ class ActorCritic(nn.Module):
         self.encoder: nn.Module | None = None
         self.flatten = True
         if spec.arch != "mlp" and len(parts) == 1 and images:  # one image: CNN, then the heads
-            cnn = image_encoder(spec.arch, images[0].shape, spec)
+            cnn = image_encoder(images[0].shape, spec)
             self.shared, width_pi, width_vf, self.flatten = cnn, cnn.features, cnn.features, False
         else:
             width = parts[-1].stop  # the flattened observation
