@@ -65,6 +65,7 @@ class KFACAlgorithm:
                 cfg.damping_max_factor,
                 cfg.damping_min,
                 cfg.damping_max,
+                cfg.damping_target_schedule,
             )
             if cfg.damping_adaptation == "kl"
             else None

@@ -25,6 +25,7 @@ from agents.envs import is_atari
 from agents.networks import Activation, Arch, PolicySpec
 from rl_kfac import ConvApprox, DampingMode
 from rl_kfac.curvature import InverseMode
+from rl_kfac.damping import TargetSchedule
 from rl_kfac.optimizer import MAX_LR
 
 Algo = Literal["acktr", "ppo_kfac"]
@@ -82,6 +83,7 @@ class Config:
     damping_max_factor: float = 2.0
     damping_min: float = 1e-4
     damping_max: float = 1.0
+    damping_target_schedule: TargetSchedule = "lr_squared"  # or constant (rl_kfac.damping)
     lm_omega: float = 1.5
     # PPO-KFAC
     n_epochs: int = 4

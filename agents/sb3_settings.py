@@ -74,6 +74,7 @@ def sb3_arguments(cfg: Config) -> dict[str, Any]:
             "max_factor": cfg.damping_max_factor,
             "damping_min": cfg.damping_min,
             "damping_max": cfg.damping_max,
+            "target_schedule": cfg.damping_target_schedule,
         }
         own = {k: v for k, v in controller.items() if getattr(_KL_CONTROLLER, k) != v}
         if own:

@@ -85,6 +85,10 @@ def test_kl_damping_is_monotone_bounded_and_moves_toward_the_target():
     assert ctl.update(0.01, 0.0025, lr_fraction=0.5) == pytest.approx(0.01)
     assert ctl.update(0.01, 0.01, lr_fraction=0.5) == pytest.approx(0.02)
     assert ctl.update(0.01, 0.0, lr_fraction=0.0) == 0.01  # the last step at lr 0: keep λ
+    constant = KLDampingController(target_kl=0.01, target_schedule="constant")
+    assert constant.update(0.01, 0.0025, lr_fraction=0.5) == pytest.approx(0.005)
+    with pytest.raises(ValueError, match="target_schedule must be one of"):
+        KLDampingController(target_schedule="lr")  # type: ignore[arg-type]
 
 
 def test_kl_damping_does_not_undo_a_decaying_learning_rate():
@@ -106,6 +110,14 @@ def test_kl_damping_does_not_undo_a_decaying_learning_rate():
         kl = 0.003 * (fixed.param_groups[0]["lr"] / 0.25) ** 2 * (0.05 / fixed.damping)
         adapt_damping_to_kl(fixed, ctl, kl)
     assert fixed.damping < 0.005
+    # target_schedule="constant" is that fixed target, initial_lr or not
+    constant = KLDampingController(target_kl=0.003, target_schedule="constant")
+    kept = KFAC(torch.nn.Linear(2, 2), lr=0.25, damping=0.05)
+    for progress in np.linspace(0, 0.99, 300):
+        kept.param_groups[0]["lr"] = 0.25 * (1 - progress)
+        kl = 0.003 * (kept.param_groups[0]["lr"] / 0.25) ** 2 * (0.05 / kept.damping)
+        adapt_damping_to_kl(kept, constant, kl, initial_lr=0.25)
+    assert kept.damping == pytest.approx(fixed.damping)
 
 
 def test_levenberg_marquardt_rule():
@@ -123,6 +135,27 @@ def test_damping_config_errors():
         load_config("configs/ppo_kfac/cartpole.yaml", ["damping_adaptation=lm"])
     with pytest.raises(ValueError, match="damping_adaptation must be one of"):
         load_config("configs/ppo_kfac/cartpole.yaml", ["damping_adaptation=adam"])
+    with pytest.raises(ValueError, match="damping_target_schedule must be one of"):
+        load_config("configs/ppo_kfac/cartpole.yaml", ["damping_target_schedule=lr"])
+
+
+def test_the_target_schedule_reaches_the_agent_and_the_sb3_settings():
+    import gymnasium as gym
+
+    from agents.networks import ActorCritic
+    from agents.ppo_kfac import PPOKFAC
+    from agents.sb3_settings import sb3_arguments
+
+    for path, schedule in (
+        ("configs/ppo_kfac/lunarlander.yaml", "constant"),
+        ("configs/ppo_kfac/cartpole.yaml", "lr_squared"),
+    ):
+        cfg = load_config(path)
+        box = gym.spaces.Box(-1, 1, (8,))
+        policy = ActorCritic(box, gym.spaces.Discrete(4), cfg.policy_spec())
+        assert PPOKFAC(policy, cfg).kl_damping.target_schedule == schedule
+        options = sb3_arguments(cfg).get("damping_kwargs", {})
+        assert options.get("target_schedule", "lr_squared") == schedule
 
 
 @pytest.mark.slow
