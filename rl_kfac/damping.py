@@ -47,8 +47,9 @@ class KLDampingController:
 
     ``λ ← clip(λ · clip((kl / target)^rate, 1/max_factor, max_factor), λ_min, λ_max)``, with
     ``target = target_kl · (lr / lr₀)²`` under a learning-rate schedule (``target_schedule``
-    ``"lr_squared"``, see :meth:`update`) or ``target_kl`` throughout (``"constant"``): an update that overshoots the target raises λ (shorter, more curvature-dominated steps), a
-    timid one lowers it. The response is monotone in the measured KL and bounded per update and
+    ``"lr_squared"``, see :meth:`update`) or ``target_kl`` throughout (``"constant"``): an update
+    that overshoots the target raises λ (shorter, more curvature-dominated steps), a timid one
+    lowers it. The response is monotone in the measured KL and bounded per update and
     overall. Reference RL implementations adapt the step size from the KL instead (e.g. PPO's
     adaptive KL penalty, Schulman et al. 2017); here the step size stays the trust region's job.
     """

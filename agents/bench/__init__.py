@@ -1,0 +1,2 @@
+"""Benchmark suites: our agents and Stable-Baselines3 side by side, resumable, with committed
+results (``scripts/benchmark.py``)."""
