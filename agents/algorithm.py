@@ -27,6 +27,7 @@ KFAC_KEYS = (
     "inverse_update_interval",
     "damping_mode",
     "conv_approx",
+    "recurrent_approx",
     "statistics_rows",
     "inverse_mode",
 )

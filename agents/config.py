@@ -27,6 +27,7 @@ from rl_kfac import ConvApprox, DampingMode
 from rl_kfac.curvature import InverseMode
 from rl_kfac.damping import TargetSchedule
 from rl_kfac.optimizer import MAX_LR
+from rl_kfac.recurrent import RecurrentApprox
 
 Algo = Literal["acktr", "ppo_kfac"]
 VecEnvKind = Literal["auto", "sync", "async", "native"]  # auto: native for ALE ids, else sync
@@ -74,6 +75,7 @@ class Config:
     factor_update_interval: int = 1
     inverse_update_interval: int = 10
     conv_approx: ConvApprox = "expand"
+    recurrent_approx: RecurrentApprox = "expand"  # steps of LSTM/GRU layers (rl_kfac.recurrent)
     statistics_rows: int | None = None  # A, G from this many sampled rows per layer (KFAC docs)
     inverse_mode: InverseMode = "sync"  # background: eigendecompositions in a worker thread
     # damping adaptation (rl_kfac.damping)

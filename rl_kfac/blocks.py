@@ -34,16 +34,25 @@ SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 class Block:
     """Common part of a layer block: parameter bookkeeping and the ``[W | b]`` matrix layout."""
 
-    def __init__(self, module: nn.Module, name: str, has_bias: bool) -> None:
-        weight = module.weight
-        assert isinstance(weight, Tensor)
+    def __init__(
+        self,
+        module: nn.Module,
+        name: str,
+        has_bias: bool,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> None:
+        """``weight``/``bias``: the layer's own ``weight``/``bias`` unless given (a layer with
+        several weights, such as an LSTM, has a block per weight)."""
+        own_weight = module.weight if weight is None else weight
+        assert isinstance(own_weight, Tensor)
         self.module = module
         self.name = name
-        self.weight: Tensor = weight
-        bias = module.bias if has_bias else None
-        self.bias: Tensor | None = bias if isinstance(bias, Tensor) else None
-        self.dim_g = int(weight.shape[0])
-        self.dim_in = int(weight[0].numel())
+        self.weight: Tensor = own_weight
+        own_bias = (module.bias if bias is None else bias) if has_bias else None
+        self.bias: Tensor | None = own_bias if isinstance(own_bias, Tensor) else None
+        self.dim_g = int(own_weight.shape[0])
+        self.dim_in = int(own_weight[0].numel())
         self.dim_a = self.dim_in + int(has_bias)
 
     @property

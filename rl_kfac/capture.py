@@ -23,6 +23,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from rl_kfac.blocks import Block, ConvApprox, is_supported, make_block
+from rl_kfac.recurrent import (
+    RECURRENT_LAYERS,
+    RecurrentApprox,
+    RecurrentBlock,
+    check_recurrent,
+    recurrent_blocks,
+    unrolled_forward,
+)
 
 
 class Record(NamedTuple):
@@ -58,6 +66,23 @@ class _ForwardHook:
         self.capture._on_forward(self.block, args, output)
 
 
+class _RecurrentHook:
+    """While statistics are due, replaces a recurrent layer's output by its step-by-step rerun
+    (:mod:`rl_kfac.recurrent`), whose probes record the per-step gate gradients."""
+
+    def __init__(self, capture: StatisticsCapture, module: nn.Module) -> None:
+        self.capture, self.module = capture, module
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        cap = self.capture
+        blocks = cap.recurrent.get(module)
+        if not (cap.armed and torch.is_grad_enabled() and blocks):
+            return None
+        return unrolled_forward(module, args, kwargs, cap._on_probe, blocks)
+
+
 class _DiscoveryHook:
     """Global forward hook: the first call of a layer owning our parameters makes its block."""
 
@@ -66,7 +91,13 @@ class _DiscoveryHook:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         cap = self.capture
-        if module in cap.blocks:
+        if module in cap.blocks or module in cap.recurrent:
+            return
+        if isinstance(module, RECURRENT_LAYERS):
+            if any(id(p) in cap.wanted for p in module.parameters(recurse=False)):
+                # from the next call on: this one's arguments may have been passed by keyword,
+                # which a global hook does not see, so it is not rerun
+                cap.add_module(module, f"{type(module).__name__.lower()}{len(cap.recurrent)}")
             return
         if not is_supported(module):
             cap.note_unsupported(module, f"{type(module).__name__.lower()}{len(cap.unsupported)}")
@@ -84,14 +115,23 @@ class StatisticsCapture:
 
     Args:
         conv_approx: how blocks of ``nn.Conv2d`` layers turn positions into rows.
+        recurrent_approx: the same for the steps of recurrent layers.
         empirical: record from every backward pass (the empirical Fisher), not only inside
             :meth:`recording`.
     """
 
-    def __init__(self, conv_approx: ConvApprox, empirical: bool = False) -> None:
+    def __init__(
+        self,
+        conv_approx: ConvApprox,
+        empirical: bool = False,
+        recurrent_approx: RecurrentApprox = "expand",
+    ) -> None:
         self.conv_approx: ConvApprox = conv_approx
+        self.recurrent_approx: RecurrentApprox = recurrent_approx
         self.empirical = empirical
         self.blocks: dict[nn.Module, Block] = {}
+        # recurrent layers: their blocks by key ("ih_l0", "hh_l0", ...)
+        self.recurrent: dict[nn.Module, dict[str, Block]] = {}
         self.unsupported: list[str] = []
         self._wanted_params: list[Tensor] = []  # parameters whose owning layer is still unknown
         self.wanted: set[int] = set()  # their ids (rebuilt after a copy: ids change)
@@ -117,6 +157,12 @@ class StatisticsCapture:
             self._forward_log.append(
                 LoggedCall(block, not args[0].requires_grad, output, output._version)
             )
+
+    def _on_probe(self, block: Block, inputs: Tensor, probe: Tensor) -> None:
+        """A recurrent block's probe: its gradient is the block's per-step output gradient. A
+        probe is a leaf, so the Fisher backward pass must ask for it: it is logged as a root."""
+        probe.register_hook(_GradHook(self, block, inputs))
+        self._forward_log.append(LoggedCall(block, True, probe, probe._version))
 
     def _on_backward(self, record: Record) -> None:
         if (self._recording or self.empirical) and (
@@ -166,9 +212,38 @@ class StatisticsCapture:
         log, self._forward_log = self._forward_log, []
         return log
 
+    def all_blocks(self) -> list[Block]:
+        """Every block found: single-weight layers, then the weights of recurrent layers."""
+        return [*self.blocks.values(), *(b for bs in self.recurrent.values() for b in bs.values())]
+
     # -- finding layers -------------------------------------------------------------------------
+    def add_recurrent(self, module: nn.Module, name: str) -> None:
+        """Track the trainable weights of a recurrent layer (``ValueError`` for a variant whose
+        steps cannot be rerun: never a silent plain gradient)."""
+        check_recurrent(module, name)
+
+        def trainable(p: Tensor) -> bool:
+            return p.requires_grad and (not self.discovering or id(p) in self.wanted)
+
+        blocks = recurrent_blocks(module, name, self.recurrent_approx, trainable)
+        covered = {id(p) for b in blocks for p in b.params}
+        left = [n for n, p in module.named_parameters(recurse=False)
+                if trainable(p) and id(p) not in covered]  # fmt: skip
+        if left:  # e.g. a trainable bias of a frozen weight
+            self.unsupported.append(f"{name}: {', '.join(left)} belong to no K-FAC block")
+        if not blocks:
+            return
+        self.recurrent[module] = {b.key: b for b in blocks if isinstance(b, RecurrentBlock)}
+        for p in module.parameters(recurse=False):
+            self.wanted.discard(id(p))
+        hook = _RecurrentHook(self, module)
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
     def add_module(self, module: nn.Module, name: str) -> _ForwardHook | None:
         """Track ``module`` if its weight is trainable; returns its forward hook."""
+        if isinstance(module, RECURRENT_LAYERS):
+            self.add_recurrent(module, name)
+            return None
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or not weight.requires_grad:
             return None
@@ -192,7 +267,7 @@ class StatisticsCapture:
     def add_model(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
             name = name or type(module).__name__.lower()
-            if is_supported(module):
+            if is_supported(module) or isinstance(module, RECURRENT_LAYERS):
                 self.add_module(module, name)
             else:
                 self.note_unsupported(module, name)
@@ -209,7 +284,8 @@ class StatisticsCapture:
         if not own:
             return
         self.unsupported.append(
-            f"{name}: {type(module).__name__} has no K-FAC block (supported: Linear, Conv2d)"
+            f"{name}: {type(module).__name__} has no K-FAC block (supported: Linear, Conv2d, "
+            "RNN, LSTM, GRU and their cells)"
         )
         for p in own:
             self.wanted.discard(id(p))
@@ -258,7 +334,7 @@ class StatisticsCapture:
         discovering = state.pop("_discovery")
         self.__dict__.update(state)
         self._discovery = None
-        found = {id(p) for b in self.blocks.values() for p in b.params}
+        found = {id(p) for b in self.all_blocks() for p in b.params}
         self.wanted = {id(p) for p in self._wanted_params} - found
         if discovering:
             self._discovery = nn.modules.module.register_module_forward_hook(_DiscoveryHook(self))

@@ -28,6 +28,7 @@ from rl_kfac.curvature import INVERSE_MODES, Curvature, GroupLayout, InverseMode
 from rl_kfac.damping import DAMPING_MODES, DampingMode
 from rl_kfac.diagnostics import Diagnostics
 from rl_kfac.lazy_count import LazyCount
+from rl_kfac.recurrent import RecurrentApprox
 from rl_kfac.statistics import FactorStore
 from rl_kfac.warn import warn_once
 
@@ -64,6 +65,8 @@ class KFAC(Optimizer):
         damping_mode: ``"exact"`` — ``(A ⊗ G + λI)⁻¹``; ``"pi"`` — factored Tikhonov
             ``(A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹``.
         conv_approx: ``"expand"`` or ``"reduce"`` for ``nn.Conv2d`` (Eschenhagen et al. 2023).
+        recurrent_approx: the same for the steps of ``nn.RNN``/``nn.LSTM``/``nn.GRU`` layers
+            (:mod:`rl_kfac.recurrent`).
         factor_dtype: dtype of factors, eigenbases and preconditioning (float32 by default).
         statistics: ``"explicit"`` — recorded only inside :meth:`record_statistics` /
             :meth:`fisher_backward`, around the backward pass of a Fisher loss: the batch *mean*
@@ -117,6 +120,7 @@ class KFAC(Optimizer):
         inverse_update_interval: int = 10,
         damping_mode: DampingMode = "exact",
         conv_approx: ConvApprox = "expand",
+        recurrent_approx: RecurrentApprox = "expand",
         factor_dtype: torch.dtype = torch.float32,
         statistics: Statistics = "explicit",
         communicator: Communicator | None = None,
@@ -145,6 +149,10 @@ class KFAC(Optimizer):
             )
         _check(damping_mode in DAMPING_MODES, f"damping_mode must be one of {DAMPING_MODES}")
         _check(conv_approx in ("expand", "reduce"), "conv_approx must be 'expand' or 'reduce'")
+        _check(
+            recurrent_approx in ("expand", "reduce"),
+            "recurrent_approx must be 'expand' or 'reduce'",
+        )
         _check(factor_dtype.is_floating_point, f"factor_dtype must be floating, got {factor_dtype}")
         _check(
             statistics in STATISTICS, f"statistics must be one of {STATISTICS}, got {statistics!r}"
@@ -174,10 +182,11 @@ class KFAC(Optimizer):
         self.inverse_update_interval = inverse_update_interval
         self.damping_mode: DampingMode = damping_mode
         self.conv_approx: ConvApprox = conv_approx
+        self.recurrent_approx: RecurrentApprox = recurrent_approx
         self.factor_dtype = factor_dtype
         self.statistics: Statistics = statistics
         self.communicator = communicator
-        self._capture = StatisticsCapture(conv_approx, empirical=statistics == "empirical")
+        self._capture = StatisticsCapture(conv_approx, statistics == "empirical", recurrent_approx)
         if model is not None:
             self._capture.add_model(model)
         else:
@@ -263,7 +272,7 @@ class KFAC(Optimizer):
     @property
     def blocks(self) -> list[Block]:
         """The layers found so far, as curvature blocks."""
-        return list(self._capture.blocks.values())
+        return self._capture.all_blocks()
 
     # -- the step -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -375,12 +384,13 @@ class KFAC(Optimizer):
     # -- bookkeeping --------------------------------------------------------------------------
     def _check_setup(self) -> None:
         cap = self._capture
-        if cap.discovering and cap.blocks:
+        found = len(cap.all_blocks())
+        if cap.discovering and found:
             cap.end_discovery()
         self._warn_unsupported()
-        if self._known_blocks == len(cap.blocks):
+        if self._known_blocks == found:
             return
-        self._known_blocks = len(cap.blocks)
+        self._known_blocks = found
         self._curvature.invalidate()  # layers were found since the last layout
         missing = [b.name for b in self.blocks if not self._factors.has(b)]
         if missing:

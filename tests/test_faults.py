@@ -251,11 +251,11 @@ class Mixed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.emb, self.lstm = nn.Embedding(10, 4), nn.LSTM(4, 8, batch_first=True)
-        self.conv1d, self.fc = nn.Conv1d(8, 8, 1), nn.Linear(8, 3)
+        self.norm, self.conv1d, self.fc = nn.LayerNorm(8), nn.Conv1d(8, 8, 1), nn.Linear(8, 3)
         self.log_std = nn.Parameter(torch.zeros(3))  # a container's own parameter: not a layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.lstm(self.emb(x))
+        h = self.norm(self.lstm(self.emb(x))[0])
         return self.fc(self.conv1d(h.transpose(1, 2)).mean(-1)) + self.log_std
 
 
@@ -274,9 +274,11 @@ def test_every_layer_without_a_block_is_named_in_a_warning(given):
         opt.zero_grad()
         F.cross_entropy(out, torch.zeros(5, dtype=torch.long)).backward()
         opt.step()
-    expected = {"emb", "lstm", "conv1d"} if given == "model" else {"embedding0", "lstm1", "conv1d2"}
+    expected = (
+        {"emb", "norm", "conv1d"} if given == "model" else {"embedding0", "layernorm1", "conv1d2"}
+    )
     assert names_in(record) == expected
-    assert [b.module for b in opt.blocks] == [model.fc]
+    assert {b.module for b in opt.blocks} == {model.fc, model.lstm}  # LSTM: rl_kfac.recurrent
     assert all(w.filename == __file__ for w in record)  # they point at the caller
 
 
