@@ -1,7 +1,7 @@
 """ACKTR (Wu et al. 2017): A2C whose update is one K-FAC step with the trust-region clip.
 
 One update, top to bottom:
-1. one forward pass on the rollout;
+1. one forward pass on the rollout (a recurrent policy: along each env's sequence);
 2. Fisher loss = NLL of actions sampled from the current policy + the value head's Gauss-Newton
    term (Gaussian σ = 1, sampled target); K-FAC records its statistics (``fisher_backward``);
 3. A2C loss = policy gradient − ent_coef · entropy + vf_coef · MSE(values, returns);
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from agents.algorithm import KFACAlgorithm, Stats, normalize
 from agents.distributions import Distribution
-from agents.rollout import Batch
+from agents.rollout import Batch, evaluate
 from rl_kfac.actor_critic import adapt_damping_lm, record_fisher
 
 
@@ -35,13 +35,13 @@ class ACKTR(KFACAlgorithm):
         cfg, opt = self.cfg, self.optimizer
         lr = self.set_learning_rate(progress)
 
-        dist, values = self.policy(batch.obs)
+        dist, values = evaluate(self.policy, batch)
         record_fisher(opt, dist.fisher_loss, values, cfg.vf_fisher_coef)
         loss, policy_loss, value_loss, entropy = self.a2c_loss(dist, values, batch)
         self.step_on(loss, lr)
 
         with torch.no_grad():
-            new_dist, new_values = self.policy(batch.obs)
+            new_dist, new_values = evaluate(self.policy, batch)
             kl = dist.detach().kl(new_dist).mean()
             self.adapt_damping(kl)
             if self.lm_damping is not None and lr > 0:

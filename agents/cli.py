@@ -159,11 +159,16 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     norm.training = False
     returns: list[float] = []
     obs, _ = envs.reset(seed=args.seed)
+    state, start = policy.initial_state(1), torch.ones(1, dtype=torch.bool, device=device)
     while len(returns) < args.episodes:
         x = torch.as_tensor(norm.observations(obs, update=False), device=device)
         with torch.no_grad():
-            action = policy.head.to_env(policy(x)[0].mode())
-        obs, _, _, _, info = envs.step(action)
+            if policy.recurrent:
+                dist, _, state = policy.step(x, state, start)
+            else:
+                dist, _ = policy(x)
+        obs, _, terminated, truncated, info = envs.step(policy.head.to_env(dist.mode()))
+        start = torch.as_tensor(terminated | truncated, device=device)
         returns += [r for r, _ in finished_episodes(info)]
     envs.close()
     print(

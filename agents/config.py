@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from agents.envs import is_atari
-from agents.networks import Activation, Arch, PolicySpec
+from agents.networks import Activation, Arch, PolicySpec, Recurrent
 from rl_kfac import ConvApprox, DampingMode
 from rl_kfac.curvature import InverseMode
 from rl_kfac.damping import TargetSchedule
@@ -105,6 +105,8 @@ class Config:
     normalize_images: bool = True  # uint8 images / 255; off for grids of codes (MiniGrid)
     log_std_init: float = 0.0
     ortho_init: bool = True
+    recurrent: Recurrent = "none"  # lstm | gru: a recurrent core after the encoder
+    hidden_size: int = 64  # its width
     # bookkeeping
     log_interval: int = 10  # updates between TensorBoard writes
     checkpoint_interval: int = 100_000  # timesteps between periodic checkpoints
@@ -134,6 +136,8 @@ class Config:
             normalize_images=self.normalize_images,
             log_std_init=self.log_std_init,
             ortho_init=self.ortho_init,
+            recurrent=self.recurrent,
+            hidden_size=self.hidden_size,
         )
 
     def validate(self) -> Config:
@@ -150,6 +154,7 @@ class Config:
             "factor_update_interval",
             "inverse_update_interval",
             "cnn_last_filters",
+            "hidden_size",
             "n_epochs",
             "batch_size",
             "clip_range",

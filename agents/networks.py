@@ -25,6 +25,7 @@ from agents.spaces import Part, image_chw, observation_parts
 Arch = Literal["auto", "mlp", "cnn", "nature_cnn", "small_cnn"]
 NATURE_MIN_SIDE = 36  # the Nature CNN's 8/4, 4/2, 3/1 convolutions need 36x36 at least
 Activation = Literal["tanh", "relu"]
+Recurrent = Literal["none", "lstm", "gru"]  # a recurrent core between the encoder and the MLPs
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
@@ -40,6 +41,8 @@ class PolicySpec:
     normalize_images: bool = True  # divide uint8 images by 255 (SB3's option of that name)
     log_std_init: float = 0.0
     ortho_init: bool = True
+    recurrent: Recurrent = "none"
+    hidden_size: int = 64  # of the recurrent core
 
 
 def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
@@ -166,20 +169,25 @@ class ActorCritic(nn.Module):
                 f"arch {spec.arch!r} needs image observations (3-D uint8 Box, bounds 0-255); "
                 f"{obs_space} has none (use arch 'auto' or 'mlp')"
             )
+        if spec.recurrent not in typing.get_args(Recurrent):
+            raise ValueError(f"recurrent must be one of {typing.get_args(Recurrent)}")
         self.shared: nn.Module | None = None
         self.actor: nn.Module = nn.Identity()
         self.critic: nn.Module = nn.Identity()
         self.encoder: nn.Module | None = None
+        self.rnn: nn.LSTM | nn.GRU | None = None
         self.flatten = True
-        if spec.arch != "mlp" and len(parts) == 1 and images:  # one image: CNN, then the heads
+        self.cnn_trunk = spec.arch != "mlp" and len(parts) == 1 and bool(images)
+        if self.cnn_trunk:  # one image: CNN, (the recurrent core,) then the heads
             cnn = image_encoder(images[0].shape, spec)
-            self.shared, width_pi, width_vf, self.flatten = cnn, cnn.features, cnn.features, False
+            self.shared, self.flatten = cnn, False
+            width_pi = width_vf = self._recurrent_core(cnn.features, spec)
         else:
             width = parts[-1].stop  # the flattened observation
             if spec.arch != "mlp" and images:
                 self.encoder = MixedEncoder(parts, spec)
                 width = self.encoder.features
-            sizes = [width, *spec.hidden]
+            sizes = [self._recurrent_core(width, spec), *spec.hidden]
             if spec.shared_trunk:
                 self.shared = _mlp(sizes, spec.activation)
             else:
@@ -195,6 +203,14 @@ class ActorCritic(nn.Module):
         if spec.ortho_init:
             self._orthogonal_init()
 
+    def _recurrent_core(self, width: int, spec: PolicySpec) -> int:
+        """Add the LSTM/GRU the spec asks for on ``width`` features; the width after it."""
+        if spec.recurrent == "none":
+            return width
+        kind = nn.LSTM if spec.recurrent == "lstm" else nn.GRU
+        self.rnn = kind(width, spec.hidden_size)
+        return spec.hidden_size
+
     def _orthogonal_init(self) -> None:
         """Orthogonal weights, zero biases; gains √2 (trunk), 0.01 (policy), 1 (value) as in
         OpenAI baselines and Stable-Baselines3."""
@@ -206,14 +222,68 @@ class ActorCritic(nn.Module):
         nn.init.orthogonal_(self.pi.weight, gain=0.01)
         nn.init.orthogonal_(self.vf.weight, gain=1.0)
 
+    @property
+    def recurrent(self) -> bool:
+        return self.rnn is not None
+
     def forward(self, obs: Tensor) -> tuple[Distribution, Tensor]:
+        """``(Distribution, value)`` of a feed-forward policy (a recurrent one: :meth:`step`)."""
+        if self.rnn is not None:
+            raise ValueError("a recurrent policy takes step(obs, state, starts) or sequence(...)")
+        return self._heads(self._encode(obs))
+
+    def _encode(self, obs: Tensor) -> Tensor:
         x = obs.flatten(1) if self.flatten else obs
         if self.encoder is not None:
             x = self.encoder(x)
         elif self.flatten:
             x = x.float()
-        if self.shared is not None:
+        if self.cnn_trunk:
+            assert self.shared is not None
+            x = self.shared(x)
+        return x
+
+    def _heads(self, x: Tensor) -> tuple[Distribution, Tensor]:
+        if self.shared is not None and not self.cnn_trunk:
             x = self.shared(x)
         out = self.pi(self.actor(x))
         value = self.vf(self.critic(x)).squeeze(-1)
         return self.head.distribution(out, self.log_std), value
+
+    # -- recurrent policies: the state is one tensor (k, layers, n, hidden), k = 2 for (h, c) --
+    def initial_state(self, n: int) -> Tensor:
+        """The state of ``n`` new episodes (zeros; empty for a feed-forward policy)."""
+        if self.rnn is None:
+            return self.pi.weight.new_zeros(0)
+        k = 2 if isinstance(self.rnn, nn.LSTM) else 1
+        return self.pi.weight.new_zeros(k, self.rnn.num_layers, n, self.rnn.hidden_size)
+
+    def _core(self, x: Tensor, state: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
+        """One step of the recurrent core for ``x`` (n, features); episodes that start here
+        begin from the zero state."""
+        assert self.rnn is not None
+        state = state * (~starts).to(state.dtype)[None, None, :, None]
+        hx = (state[0], state[1]) if isinstance(self.rnn, nn.LSTM) else state[0]
+        out, new = self.rnn(x.unsqueeze(0), hx)
+        return out[0], torch.stack(new) if isinstance(new, tuple) else new.unsqueeze(0)
+
+    def step(
+        self, obs: Tensor, state: Tensor, starts: Tensor
+    ) -> tuple[Distribution, Tensor, Tensor]:
+        """One step of ``n`` environments: ``(Distribution, value, next state)``."""
+        out, state = self._core(self._encode(obs), state, starts)
+        dist, value = self._heads(out)
+        return dist, value, state
+
+    def sequence(self, obs: Tensor, state: Tensor, starts: Tensor) -> tuple[Distribution, Tensor]:
+        """``T`` steps of ``n`` environments from ``state``: ``obs`` time-major ``(T·n, ...)``,
+        ``starts`` ``(T, n)`` flags of the steps that begin an episode; outputs time-major,
+        back-propagating through every step."""
+        steps, n = starts.shape
+        x = self._encode(obs)
+        x = x.reshape(steps, n, x.shape[-1])
+        outs = []
+        for t in range(steps):
+            out, state = self._core(x[t], state, starts[t])
+            outs.append(out)
+        return self._heads(torch.cat(outs))

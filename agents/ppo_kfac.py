@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from agents.algorithm import KFACAlgorithm, Stats, normalize
-from agents.rollout import Batch
+from agents.rollout import Batch, evaluate
 from rl_kfac.actor_critic import record_fisher
 
 
@@ -38,27 +38,47 @@ def value_loss(
     return torch.max((returns - values).pow(2), (returns - clipped).pow(2)).mean()
 
 
+def minibatches(batch: Batch, size: int) -> list[Batch]:
+    """A random split into minibatches of about ``size`` samples: single samples, or for a
+    recurrent policy whole environment sequences (``size // T`` of them, at least one)."""
+    device = batch.obs.device
+    if batch.starts is None:
+        return [_rows(batch, idx) for idx in torch.randperm(len(batch), device=device).split(size)]
+    steps, n = batch.starts.shape
+    envs = torch.randperm(n, device=device).split(max(1, size // steps))
+    return [batch.columns(idx) for idx in envs]
+
+
+def _rows(batch: Batch, idx: Tensor) -> Batch:
+    return Batch(
+        batch.obs[idx],
+        batch.actions[idx],
+        batch.log_probs[idx],
+        batch.values[idx],
+        batch.advantages[idx],
+        batch.returns[idx],
+    )
+
+
 class PPOKFAC(KFACAlgorithm):
     def update(self, batch: Batch, progress: float) -> Stats:
         cfg, opt, policy = self.cfg, self.optimizer, self.policy
         lr = self.set_learning_rate(progress)
         with torch.no_grad():
-            old_dist, _ = policy(batch.obs)
-        n = len(batch)
-        size = min(cfg.batch_size, n)
+            old_dist, _ = evaluate(policy, batch)
         sums: dict[str, Tensor | float] = {"policy": 0.0, "value": 0.0, "entropy": 0.0}
         steps = 0
         stop = False
         for _ in range(cfg.n_epochs):
-            for idx in torch.randperm(n, device=batch.obs.device).split(size):
-                dist, values = policy(batch.obs[idx])
+            for mb in minibatches(batch, cfg.batch_size):
+                dist, values = evaluate(policy, mb)
                 record_fisher(opt, dist.fisher_loss, values, cfg.vf_fisher_coef)
-                log_probs = dist.log_prob(batch.actions[idx])
-                adv = batch.advantages[idx]
-                if cfg.normalize_advantage is not False and len(idx) > 1:  # null: normalise
+                log_probs = dist.log_prob(mb.actions)
+                adv = mb.advantages
+                if cfg.normalize_advantage is not False and len(mb) > 1:  # null: normalise
                     adv = normalize(adv)
-                pg = clipped_surrogate(log_probs, batch.log_probs[idx], adv, cfg.clip_range)
-                vl = value_loss(values, batch.values[idx], batch.returns[idx], cfg.clip_range_vf)
+                pg = clipped_surrogate(log_probs, mb.log_probs, adv, cfg.clip_range)
+                vl = value_loss(values, mb.values, mb.returns, cfg.clip_range_vf)
                 entropy = dist.entropy().mean()
                 loss = pg - cfg.ent_coef * entropy + cfg.vf_coef * vl
                 self.step_on(loss, lr)
@@ -68,7 +88,7 @@ class PPOKFAC(KFACAlgorithm):
                 sums["entropy"] += entropy.detach()
                 if cfg.target_kl is not None:
                     with torch.no_grad():
-                        log_ratio = log_probs - batch.log_probs[idx]
+                        log_ratio = log_probs - mb.log_probs
                         approx = self.global_mean(((log_ratio.exp() - 1) - log_ratio).mean())
                     if approx > 1.5 * cfg.target_kl:
                         stop = True
@@ -76,7 +96,7 @@ class PPOKFAC(KFACAlgorithm):
             if stop:
                 break
         with torch.no_grad():
-            kl = old_dist.kl(policy(batch.obs)[0]).mean()
+            kl = old_dist.kl(evaluate(policy, batch)[0]).mean()
         self.adapt_damping(kl)
         return {
             "train/policy_loss": sums["policy"] / steps,

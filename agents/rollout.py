@@ -20,6 +20,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from torch import Tensor
 
+from agents.distributions import Distribution
 from agents.envs import finished_episodes
 from agents.networks import ActorCritic
 from agents.normalize import Normalizer
@@ -65,9 +66,40 @@ class Batch:
     values: Tensor
     advantages: Tensor
     returns: Tensor
+    # recurrent policies: (T, E) flags of the steps that begin an episode, and the policy's
+    # state at the first step (see ActorCritic.initial_state); None for feed-forward ones
+    starts: Tensor | None = None
+    states: Tensor | None = None
 
     def __len__(self) -> int:
         return self.obs.shape[0]
+
+    def columns(self, envs: Tensor) -> Batch:
+        """The whole sequences of environments ``envs`` (a recurrent policy's minibatch)."""
+        assert self.starts is not None and self.states is not None
+        steps, n = self.starts.shape
+
+        def pick(x: Tensor) -> Tensor:
+            return x.reshape(steps, n, *x.shape[1:])[:, envs].reshape(-1, *x.shape[1:])
+
+        return Batch(
+            pick(self.obs),
+            pick(self.actions),
+            pick(self.log_probs),
+            pick(self.values),
+            pick(self.advantages),
+            pick(self.returns),
+            self.starts[:, envs],
+            self.states[:, :, envs],
+        )
+
+
+def evaluate(policy: ActorCritic, batch: Batch) -> tuple[Distribution, Tensor]:
+    """The policy's distribution and values on a batch: per sample, or for a recurrent policy
+    along its sequences from their stored states."""
+    if batch.starts is None or batch.states is None:
+        return policy(batch.obs)
+    return policy.sequence(batch.obs, batch.states, batch.starts)
 
 
 class RolloutCollector:
@@ -97,6 +129,10 @@ class RolloutCollector:
         self.log_probs = torch.zeros((t, e), device=device)
         self.values = torch.zeros((t, e), device=device)
         self.bootstrap = torch.zeros((t, e), device=device)  # V(final obs) at truncations
+        # a recurrent policy's state, and whether each env's next step begins an episode
+        self.state = policy.initial_state(e)
+        self.starts = torch.zeros((t, e), dtype=torch.bool, device=device)
+        self.episode_start = torch.ones(e, dtype=torch.bool, device=device)
         self.rewards = np.zeros((t, e), np.float32)
         self.ends = np.zeros((t, e), np.bool_)
         self.episode_returns: deque[float] = deque(maxlen=100)
@@ -123,10 +159,13 @@ class RolloutCollector:
     def collect(self) -> Batch:
         """Step ``n_steps`` times; the batch views this collector's buffers (see :class:`Batch`)."""
         self.bootstrap.zero_()
+        recurrent = self.policy.recurrent
+        first_state = self.state
         for t in range(self.n_steps):
             obs = self.next_obs
             self.obs[t] = obs
-            dist, value = self.policy(obs)
+            self.starts[t] = self.episode_start
+            dist, value, state = self._act(obs)
             action = dist.sample()
             self.actions[t] = action
             self.log_probs[t] = dist.log_prob(action)
@@ -140,12 +179,20 @@ class RolloutCollector:
             self.ends[t] = ends
             cut = np.flatnonzero(truncated & ~terminated)
             if cut.size:
-                final = self._finite(np.stack([info["final_obs"][i] for i in cut]), "observations")
-                final = self.normalizer.observations(final, update=False)
-                _, final_values = self.policy(self._to_device(final))
-                self.bootstrap[t, torch.as_tensor(cut, device=self.device)] = final_values
+                raw_final = np.stack([info["final_obs"][i] for i in cut])
+                raw_final = self._finite(raw_final, "observations")
+                final = self._to_device(self.normalizer.observations(raw_final, update=False))
+                index = torch.as_tensor(cut, device=self.device)
+                if recurrent:  # the final observation follows this step: the state after it
+                    none = torch.zeros(len(cut), dtype=torch.bool, device=self.device)
+                    final_values = self.policy.step(final, state[:, :, index], none)[1]
+                else:
+                    final_values = self.policy(final)[1]
+                self.bootstrap[t, index] = final_values
             self.next_obs = self._to_device(self.normalizer.observations(raw))
-        _, last_values = self.policy(self.next_obs)
+            self.state = state
+            self.episode_start = torch.from_numpy(ends).to(self.device)
+        last_values = self._act(self.next_obs)[1]
         host = torch.from_numpy(np.stack([self.rewards, self.ends.astype(np.float32)]))
         rewards, ends = host.to(self.device).unbind(0)
         rewards = rewards + self.gamma * self.bootstrap
@@ -160,7 +207,16 @@ class RolloutCollector:
             values=self.values.reshape(n),
             advantages=advantages.reshape(n),
             returns=returns.reshape(n),
+            starts=self.starts.clone() if recurrent else None,
+            states=first_state if recurrent else None,
         )
+
+    def _act(self, obs: Tensor) -> tuple[Distribution, Tensor, Tensor]:
+        """The policy at ``obs``, and the state after this step (recurrent policies)."""
+        if self.policy.recurrent:
+            return self.policy.step(obs, self.state, self.episode_start)
+        dist, value = self.policy(obs)
+        return dist, value, self.state
 
     def _finite(self, x: np.ndarray, what: str) -> np.ndarray:
         """``x`` with NaN/±inf entries set to 0 (counted in :attr:`nonfinite_inputs`, warned

@@ -16,8 +16,9 @@ step's gate pre-activations, and ``ā = [a; 1]``:
 - reduce: one row per sequence, ``A = (1/N) Σ_n ā_n ā_nᵀ`` with ``ā_n`` the mean of ``ā`` over
   the steps, ``G = M Σ_n (Σ_t g)(Σ_t g)ᵀ``.
 
-With one step both are the Linear layer's block. A cell (``nn.LSTMCell``, …) is one step per
-call; several calls in one forward pass are averaged like any layer used several times.
+With one step both are the Linear layer's block. A cell (``nn.LSTMCell``, …), or a layer given
+one step at a time, is one step per call: calls on the same N sequences within one statistics
+update are joined along time (:mod:`rl_kfac.statistics`), as if the steps came in one call.
 
 PyTorch's fused kernels do not expose the per-step gate gradients. While statistics are due, a
 forward hook runs the layer again step by step with the same weights and returns that output in

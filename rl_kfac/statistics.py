@@ -5,7 +5,8 @@ From the records of one statistics update, each block's batch factors are
     A_t = s_x XᵀX,   G_t = s_y YᵀY
 
 with rows ``X``/``Y`` and scales ``s`` from :meth:`Block.input_rows` / :meth:`Block.grad_rows`;
-a layer called ``c`` times in one forward pass contributes the mean over its calls. The running
+a layer called ``c`` times in one forward pass contributes the mean over its calls (a recurrent
+layer's calls on the same sequences are joined into one: they are its steps). The running
 factors start at the first batch and then follow ``Ā ← Ā + (1 − β)(A_t − Ā)`` (β =
 ``stat_decay``; the same for G), the exponential average of Martens & Grosse (2015, §5).
 
@@ -28,6 +29,7 @@ from torch import Tensor
 from rl_kfac.blocks import Block
 from rl_kfac.capture import Record
 from rl_kfac.lazy_count import LazyCount
+from rl_kfac.recurrent import RecurrentBlock
 from rl_kfac.warn import warn_once
 
 if TYPE_CHECKING:  # the math runs without torch.distributed; only a communicator uses it
@@ -45,6 +47,7 @@ def batch_factors(
     uniformly without replacement (the same rows for A and G), scaled to unbiased estimates:
     ``A_t ≈ (1/m) Σ_sampled x xᵀ``, ``G_t ≈ s (R/m) Σ_sampled y yᵀ`` for ``R`` rows.
     """
+    records = _join_steps(records)
     calls = Counter(r.block for r in records)
     batch: dict[Block, tuple[Tensor, Tensor]] = {}
     for block, inputs, grad_output in records:
@@ -58,6 +61,26 @@ def batch_factors(
         new_a.addmm_(x.T, x, beta=beta, alpha=w * sx)
         new_g.addmm_(y.T, y, beta=beta, alpha=w * sy)
     return batch
+
+
+def _join_steps(records: list[Record]) -> list[Record]:
+    """Calls of one recurrent layer on the same sequences (a policy stepping its LSTM once per
+    time step) are the steps of those sequences: joined along time into one call, so that its
+    factors are those of the whole sequence (:mod:`rl_kfac.recurrent`), not a mean over steps.
+    """
+    calls: dict[Block, list[Record]] = {}
+    for r in records:
+        if isinstance(r.block, RecurrentBlock):
+            calls.setdefault(r.block, []).append(r)
+    joined = {
+        block: Record(
+            block, torch.cat([r.inputs for r in rs], 1), torch.cat([r.grad_output for r in rs], 1)
+        )
+        for block, rs in calls.items()
+        if len(rs) > 1 and len({r.inputs.shape[0] for r in rs}) == 1
+    }
+    out = [r for r in records if r.block not in joined]
+    return out + list(joined.values())
 
 
 def _rows(

@@ -142,6 +142,8 @@ TUNED_ON: dict[str, range | None] = {
     "ppo_kfac/breakout": None,
     "acktr/minigrid": None,
     "ppo_kfac/minigrid": None,
+    "acktr/cartpole_novel": None,
+    "ppo_kfac/cartpole_novel": None,
 }
 
 
