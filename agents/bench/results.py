@@ -183,6 +183,7 @@ COLORS = {
     "ppo": "tab:green",
     "sb3_acktr": "tab:purple",
     "sb3_ppo_kfac": "tab:brown",
+    "recurrent_ppo": "tab:cyan",
 }
 
 

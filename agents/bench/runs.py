@@ -18,7 +18,7 @@ from typing import Any
 
 from stable_baselines3.common.callbacks import BaseCallback
 
-from agents.bench.suites import OURS, Task
+from agents.bench.suites import OURS, ZOO_FILES, Task
 from agents.episode_log import EpisodeLog, read_episodes
 
 
@@ -86,7 +86,7 @@ def zoo_settings(algo: str, task: Task) -> dict[str, Any]:
     import rl_zoo3
     import yaml
 
-    path = Path(rl_zoo3.__file__).parent / "hyperparams" / f"{algo}.yml"
+    path = Path(rl_zoo3.__file__).parent / "hyperparams" / f"{ZOO_FILES[algo]}.yml"
     return dict(yaml.safe_load(path.read_text())[task.zoo])
 
 
@@ -160,6 +160,7 @@ def _train_sb3(
     checkpoint_interval: int,
     speed: bool,
 ) -> None:
+    from sb3_contrib import RecurrentPPO
     from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
     from stable_baselines3.common.vec_env import VecNormalize
@@ -172,6 +173,7 @@ def _train_sb3(
         "ppo": PPO,
         "sb3_acktr": ACKTR,
         "sb3_ppo_kfac": PPOKFAC,
+        "recurrent_ppo": RecurrentPPO,
     }
     cls = classes[algo]
     settings = zoo_settings(algo, task)

@@ -3,8 +3,9 @@
 One run is (algorithm, environment, seed). Algorithms: our agents ``acktr`` and ``ppo_kfac``
 (``scripts/train.py``'s trainer with ``configs/<algo>/<task>.yaml``), ``sb3_acktr`` and
 ``sb3_ppo_kfac`` (``rl_kfac.sb3`` with the same settings, ``agents.sb3_settings``), and the
-reference ``a2c`` / ``ppo``: Stable-Baselines3 with rl-baselines3-zoo's hyperparameters as
-installed with ``rl_zoo3``.
+reference ``a2c`` / ``ppo`` / ``recurrent_ppo``: Stable-Baselines3 (sb3-contrib's
+``RecurrentPPO``) with rl-baselines3-zoo's hyperparameters as installed with ``rl_zoo3``
+(``ppo_lstm.yml`` for ``recurrent_ppo``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 OURS = ("acktr", "ppo_kfac")
 SB3_KFAC = ("sb3_acktr", "sb3_ppo_kfac")
-REFERENCE = ("a2c", "ppo")
+REFERENCE = ("a2c", "ppo", "recurrent_ppo")
 ALGOS = OURS + SB3_KFAC + REFERENCE
 NAMES = {
     "acktr": "ACKTR (rl-kfac)",
@@ -22,7 +23,9 @@ NAMES = {
     "ppo": "PPO (SB3, rl-zoo)",
     "sb3_acktr": "rl_kfac.sb3.ACKTR",
     "sb3_ppo_kfac": "rl_kfac.sb3.PPOKFAC",
+    "recurrent_ppo": "RecurrentPPO (sb3-contrib, rl-zoo)",
 }
+ZOO_FILES = {"a2c": "a2c", "ppo": "ppo", "recurrent_ppo": "ppo_lstm"}  # rl-zoo's hyperparams
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class Task:
 
 
 def _all(seeds: range) -> dict[str, range]:
-    return dict.fromkeys(ALGOS, seeds)
+    """Every algorithm for feed-forward policies."""
+    return dict.fromkeys((*OURS, *SB3_KFAC, "a2c", "ppo"), seeds)
 
 
 _MUJOCO_PLAN = {"acktr": range(5), "ppo_kfac": range(5), "ppo": range(1)}
@@ -98,6 +102,23 @@ SUITES: dict[str, dict[str, Task]] = {
     },
     # a third-party package's environment (Farama's minigrid): our agents see the 7x7x3 grid
     # through ImgObsWrapper (configs/*/minigrid.yaml), SB3 PPO rl-zoo's FlatObsWrapper and MLP
+    # partially observed: rl-zoo's velocity-masked tasks, for recurrent policies (our configs
+    # *_novel.yaml) against sb3-contrib's RecurrentPPO with rl-zoo's ppo_lstm settings
+    "recurrent": {
+        t.env: t
+        for t in (
+            Task(
+                "CartPoleNoVel-v1", "cartpole_novel", 475.0, 200_000, "CartPoleNoVel-v1",
+                dict.fromkeys(("acktr", "ppo_kfac", "recurrent_ppo"), range(5)),
+                env_packages=("rl_zoo3.import_envs",),
+            ),
+            Task(
+                "PendulumNoVel-v1", "pendulum_novel", -200.0, 100_000, "PendulumNoVel-v1",
+                dict.fromkeys(("acktr", "ppo_kfac", "recurrent_ppo"), range(5)),
+                env_packages=("rl_zoo3.import_envs",),
+            ),
+        )
+    },
     "minigrid": {
         "MiniGrid-DoorKey-5x5-v0": Task(
             "MiniGrid-DoorKey-5x5-v0", "minigrid", 0.9, 100_000, "MiniGrid-DoorKey-5x5-v0",
@@ -144,6 +165,8 @@ TUNED_ON: dict[str, range | None] = {
     "ppo_kfac/minigrid": None,
     "acktr/cartpole_novel": None,
     "ppo_kfac/cartpole_novel": None,
+    "acktr/pendulum_novel": None,
+    "ppo_kfac/pendulum_novel": None,
 }
 
 
