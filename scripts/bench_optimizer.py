@@ -1,4 +1,5 @@
-"""Cost of one K-FAC update against one RMSprop update, on ACKTR's two standard networks.
+"""Cost of one K-FAC update against one RMSprop update, on ACKTR's two standard networks and
+a recurrent (LSTM) policy.
 
 K-FAC update : forward + Fisher backward (statistics) + loss backward + KFAC.step
 RMSprop update: forward + loss backward + RMSprop.step
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rl_kfac import KFAC
+from rl_kfac.recurrent import RecurrentBlock
 
 
 def mlp_policy(obs_dim: int = 8, n_actions: int = 4) -> nn.Module:
@@ -72,6 +74,24 @@ def nature_cnn_policy(n_actions: int = 6) -> nn.Module:
             return self.pi(h), self.vf(h).squeeze(-1)
 
     return CNN()
+
+
+def lstm_policy(obs_dim: int = 4, n_actions: int = 2) -> nn.Module:
+    """An LSTM core (64 units) under 64-unit tanh heads, over whole env sequences (batch-first
+    ``(envs, steps, obs)``), as ``configs/*/cartpole_novel.yaml``."""
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(obs_dim, 64, batch_first=True)
+            self.pi = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, n_actions))
+            self.vf = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            h = self.rnn(x)[0].reshape(-1, 64)
+            return self.pi(h), self.vf(h).squeeze(-1)
+
+    return Recurrent()
 
 
 def a2c_loss(logits: Tensor, values: Tensor, batch: dict[str, Tensor]) -> Tensor:
@@ -130,8 +150,11 @@ def time_interleaved(
 
 
 def make_batch(kind: str, n: int, device: torch.device) -> dict[str, Tensor]:
-    obs = torch.randn(n, 8) if kind == "mlp" else torch.rand(n, 4, 84, 84)
-    n_actions = 4 if kind == "mlp" else 6
+    if kind == "lstm":  # 8 env sequences of n / 8 steps
+        obs, n_actions = torch.randn(8, n // 8, 4), 2
+    else:
+        obs = torch.randn(n, 8) if kind == "mlp" else torch.rand(n, 4, 84, 84)
+        n_actions = 4 if kind == "mlp" else 6
     return {
         "obs": obs.to(device),
         "actions": torch.randint(0, n_actions, (n,), device=device),
@@ -150,6 +173,7 @@ def statistics_gmac(model: nn.Module, opt: KFAC, batch: dict[str, Tensor], inter
     hooks = [
         b.module.register_forward_hook(lambda m, args, out: shapes.__setitem__(m, out.shape))
         for b in opt.blocks
+        if not isinstance(b, RecurrentBlock)
     ]
     with torch.no_grad():
         model(batch["obs"])
@@ -157,6 +181,11 @@ def statistics_gmac(model: nn.Module, opt: KFAC, batch: dict[str, Tensor], inter
         h.remove()
     total = 0.0
     for block in opt.blocks:
+        if isinstance(block, RecurrentBlock):  # a row per (sequence, step)
+            total += (
+                batch["obs"].shape[0] * batch["obs"].shape[1] * (block.dim_a**2 + block.dim_g**2)
+            )
+            continue
         shape = shapes[block.module]
         rows = shape[0]
         if isinstance(block.module, nn.Conv2d) and opt.conv_approx == "expand":
@@ -172,6 +201,7 @@ CASES: dict[str, tuple[str, Callable[[], nn.Module], int]] = {
     "mlp-2048": ("MLP 64-64 tanh, batch 8x256", mlp_policy, 2048),
     "cnn-320": ("Nature CNN, batch 16x20", nature_cnn_policy, 320),
     "cnn-640": ("Nature CNN, batch 32x20", nature_cnn_policy, 640),
+    "lstm-256": ("LSTM 64, 8 sequences x 32", lstm_policy, 256),
 }
 # the shipped config whose K-FAC settings each case also times (same n_envs x n_steps, except
 # cnn-640: no Atari config ships 32 envs)
@@ -180,6 +210,7 @@ SHIPPED = {
     "mlp-2048": "configs/ppo_kfac/halfcheetah.yaml",
     "cnn-320": "configs/acktr/pong.yaml",
     "cnn-640": "configs/acktr/pong.yaml",
+    "lstm-256": "configs/acktr/cartpole_novel.yaml",
 }
 
 

@@ -33,6 +33,7 @@ from rl_kfac.sb3.policies import (
     KFACActorCriticCnnPolicy,
     KFACActorCriticPolicy,
     KFACMultiInputActorCriticPolicy,
+    KFACPolicySetup,
     distribution_kl,
 )
 
@@ -95,6 +96,7 @@ class _KFACTraining(_Algorithm):
     rollout_buffer: RolloutBuffer
     logger: Any
     policy_class: type[BasePolicy]
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]]
     kl_damping: KLDampingController | None
 
     def __init__(
@@ -155,11 +157,11 @@ class _KFACTraining(_Algorithm):
     def _check_kfac_setup(
         self, damping_target_kl: float | None, damping_kwargs: dict[str, Any] | None
     ) -> None:
-        if not issubclass(self.policy_class, KFACActorCriticPolicy):
+        if not issubclass(self.policy_class, KFACPolicySetup):
+            names = ", ".join(f"'{n}'" for n in self.policy_aliases)
             raise ValueError(
-                f"{type(self).__name__} needs a K-FAC policy ('MlpPolicy', 'CnnPolicy', "
-                f"'MultiInputPolicy' or a KFACActorCriticPolicy subclass), got "
-                f"{self.policy_class.__name__}"
+                f"{type(self).__name__} needs a K-FAC policy ({names} or a subclass of "
+                f"rl_kfac.sb3's policies), got {self.policy_class.__name__}"
             )
         if damping_target_kl is None and damping_kwargs:
             raise ValueError("damping_kwargs need damping_target_kl")

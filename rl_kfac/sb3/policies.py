@@ -11,7 +11,7 @@ the policy itself plus ``vf_fisher_coef`` times the value head's Gauss-Newton te
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, cast
 
 import torch
 from gymnasium import spaces
@@ -61,17 +61,15 @@ def distribution_kl(old: Distribution, new: Distribution) -> Tensor:
     return kl.sum(-1) if independent else kl
 
 
-class KFACActorCriticPolicy(ActorCriticPolicy):
-    """``MlpPolicy`` of :class:`~rl_kfac.sb3.ACKTR` / :class:`~rl_kfac.sb3.PPOKFAC`.
+class KFACPolicySetup:
+    """What every K-FAC policy adds to its SB3 policy class (a mixin placed before it): the
+    arguments ``vf_fisher_coef``, ``optimizer_class`` (KFAC or a subclass) and
+    ``optimizer_kwargs``, checked, and K-FAC built on the policy module itself (layers known up
+    front, no discovery hook) right after SB3's networks exist. SB3's ``_build`` hands the
+    optimizer a parameter iterator; it gets a placeholder SGD, replaced at once."""
 
-    Same networks and arguments as SB3's ``ActorCriticPolicy``, plus ``vf_fisher_coef`` (weight
-    of the value head's Gauss-Newton term in the Fisher loss). ``optimizer_kwargs`` go to
-    :class:`~rl_kfac.KFAC`, which is built on the policy module itself (every ``nn.Linear`` /
-    ``nn.Conv2d`` is a Kronecker block; the Gaussian log-std gets the plain gradient).
-    Supported action spaces: Discrete, MultiDiscrete, MultiBinary, Box (no gSDE).
-    """
-
-    optimizer: KFAC
+    optimizer: torch.optim.Optimizer  # the KFAC instance (SB3's BaseModel types it so)
+    optimizer_class: type[torch.optim.Optimizer]
     default_extractor: type | None = None  # SB3's features extractor of this policy kind
 
     def __init__(
@@ -98,9 +96,7 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         self.vf_fisher_coef = vf_fisher_coef
         if self.default_extractor is not None:
             kwargs.setdefault("features_extractor_class", self.default_extractor)
-        # SB3's _build hands the optimizer a parameter iterator; K-FAC is built on the module
-        # instead (layers known up front, no discovery hook), right after SB3's networks exist.
-        super().__init__(  # type: ignore[misc]  # (optimizer_* are not in *args)
+        super().__init__(  # type: ignore[call-arg]  # the SB3 policy class after this mixin
             observation_space,
             action_space,
             lr_schedule,
@@ -109,13 +105,38 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
             optimizer_kwargs={},
             **kwargs,
         )
-        if self.use_sde:
+        if getattr(self, "use_sde", False):
             raise ValueError("K-FAC policies do not support gSDE (use_sde=True)")
         self.optimizer_class, self.optimizer_kwargs = optimizer_class, kfac_kwargs
-        self.optimizer = optimizer_class(self, lr=lr_schedule(1), **kfac_kwargs)
+        self.optimizer = optimizer_class(self, lr=lr_schedule(1), **kfac_kwargs)  # type: ignore[arg-type]
+
+    @property
+    def kfac(self) -> KFAC:
+        """The policy's optimizer, typed."""
+        return cast(KFAC, self.optimizer)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        return {**super()._get_constructor_parameters(), "vf_fisher_coef": self.vf_fisher_coef}
+        own = super()._get_constructor_parameters()  # type: ignore[misc]
+        return {**own, "vf_fisher_coef": self.vf_fisher_coef}
+
+    def record_statistics(self, distribution: Distribution, values: Tensor) -> None:
+        """K-FAC statistics from SB3's training forward, when due: the sampled-Fisher loss of
+        ``distribution`` plus the value head's Gauss-Newton term (not under ``no_grad``: an
+        evaluation records nothing)."""
+        if torch.is_grad_enabled():
+            fisher = functools.partial(policy_fisher_loss, distribution)
+            record_fisher(self.kfac, fisher, values, self.vf_fisher_coef)
+
+
+class KFACActorCriticPolicy(KFACPolicySetup, ActorCriticPolicy):
+    """``MlpPolicy`` of :class:`~rl_kfac.sb3.ACKTR` / :class:`~rl_kfac.sb3.PPOKFAC`.
+
+    Same networks and arguments as SB3's ``ActorCriticPolicy``, plus ``vf_fisher_coef`` (weight
+    of the value head's Gauss-Newton term in the Fisher loss). ``optimizer_kwargs`` go to
+    :class:`~rl_kfac.KFAC`, which is built on the policy module itself (every ``nn.Linear`` /
+    ``nn.Conv2d`` is a Kronecker block; the Gaussian log-std gets the plain gradient).
+    Supported action spaces: Discrete, MultiDiscrete, MultiBinary, Box (no gSDE).
+    """
 
     def evaluate_actions(self, obs: Any, actions: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """SB3's training forward (the same networks and outputs as ``ActorCriticPolicy``'s);
@@ -129,9 +150,7 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
             latent_vf = self.mlp_extractor.forward_critic(vf_features)
         distribution = self._distribution(self.action_net(latent_pi))
         values = self.value_net(latent_vf)
-        if torch.is_grad_enabled():  # SB3's training forward (not an evaluation under no_grad)
-            fisher = functools.partial(policy_fisher_loss, distribution)
-            record_fisher(self.optimizer, fisher, values, self.vf_fisher_coef)
+        self.record_statistics(distribution, values)
         return values, distribution.log_prob(actions), distribution.entropy()
 
     def _distribution(self, action_net_output: Tensor) -> Distribution:
