@@ -273,3 +273,53 @@ def test_packed_sequences_are_refused_at_the_first_forward():
     packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
     with pytest.raises(ValueError, match="LSTM: packed sequences are not supported"):
         layer(packed)
+
+
+def _ih_block_against_the_ggn(recurrent_scale: float) -> float:
+    """Relative error of K-FAC's ``W_ih`` block against the exact GGN of a ReLU RNN kept in its
+    linear regime, with Gaussian outputs at every step (loss averaged over steps and replicas);
+    ``recurrent_scale`` sets the frozen ``W_hh``."""
+    torch.manual_seed(7)
+    t, size, hidden, out = 3, 2, 3, 2
+    layer = nn.RNN(size, hidden, nonlinearity="relu", batch_first=True)
+    with torch.no_grad():
+        layer.weight_ih_l0.copy_(layer.weight_ih_l0.abs() + 0.1)
+        layer.bias_ih_l0.copy_(layer.bias_ih_l0.abs() + 0.1)
+        layer.weight_hh_l0.copy_(recurrent_scale * torch.rand(hidden, hidden))
+        layer.bias_hh_l0.zero_()
+    layer.weight_hh_l0.requires_grad_(False)
+    layer.bias_hh_l0.requires_grad_(False)
+    head = nn.Linear(hidden, out)
+    opt = KFAC(layer, factor_dtype=torch.float64)
+    x = torch.rand(1, t, size) + 0.1  # positive: every pre-activation > 0, ReLU is linear
+
+    def f(inputs):
+        return head(layer(inputs)[0])  # (N, T, out)
+
+    k = t * out  # replicas: one backward pass gives the expectation over Gaussian targets
+    y = f(x.expand(k, -1, -1)).reshape(k, k)
+    targets = y[0].detach() - k**0.5 * torch.eye(k)
+    with opt.record_statistics():
+        (0.5 * (y - targets).pow(2).sum(1).mean() / t).backward()  # mean over k·t terms
+    w, b = layer.weight_ih_l0, layer.bias_ih_l0
+    rows = []
+    for j in range(k):
+        gw, gb = torch.autograd.grad(f(x).reshape(-1)[j], (w, b))
+        rows.append(torch.cat([gw, gb[:, None]], 1).T.reshape(-1))
+    jac = torch.stack(rows)
+    ggn = jac.T @ jac / t  # Gaussian Fisher per step, averaged over the steps
+    s = opt.state[w]
+    return float((torch.kron(s["A"], s["G"]) - ggn).norm() / ggn.norm())
+
+
+def test_expand_equals_the_exact_ggn_when_steps_do_not_mix():
+    """No recurrence (W_hh = 0): the input weight is shared across steps with a loss term per
+    step, the expand setting in which K-FAC-expand is exact for a linear network (Eschenhagen
+    et al. 2023); this pins the M = N·T scaling."""
+    assert _ih_block_against_the_ggn(0.0) < 1e-10
+
+
+def test_expand_is_not_exact_when_steps_mix():
+    """The check above can fail: with a recurrent weight the steps' Jacobians mix and the
+    Kronecker block is only an approximation."""
+    assert _ih_block_against_the_ggn(0.5) > 1e-2
