@@ -57,7 +57,7 @@ def test_every_shipped_config_is_valid():
     from pathlib import Path
 
     paths = sorted(Path("configs").glob("*/*.yaml"))
-    assert len(paths) == 26  # acktr and ppo_kfac, 13 environments each
+    assert len(paths) == 28  # acktr and ppo_kfac, 14 environments each
     for path in paths:
         load_config(path)
 

@@ -117,6 +117,12 @@ SUITES: dict[str, dict[str, Task]] = {
                 dict.fromkeys(("acktr", "ppo_kfac", "recurrent_ppo"), range(5)),
                 env_packages=("rl_zoo3.import_envs",),
             ),
+            # rl-zoo's ppo_lstm.yml has no LunarLanderNoVel entry: ours only
+            Task(
+                "LunarLanderNoVel-v3", "lunarlander_novel", 200.0, 2_000_000,
+                "LunarLanderNoVel-v3", dict.fromkeys(("acktr", "ppo_kfac"), range(5)),
+                env_packages=("rl_zoo3.import_envs",),
+            ),
         )
     },
     "minigrid": {
@@ -167,6 +173,8 @@ TUNED_ON: dict[str, range | None] = {
     "ppo_kfac/cartpole_novel": None,
     "acktr/pendulum_novel": None,
     "ppo_kfac/pendulum_novel": None,
+    "acktr/lunarlander_novel": None,
+    "ppo_kfac/lunarlander_novel": None,
 }
 
 
