@@ -25,6 +25,8 @@ import multiprocessing as mp
 import statistics
 import sys
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +134,17 @@ def main() -> int:
     specs = [(*t, overrides, args.checkpoint_interval, args.speed) for t in todo]
     failed = 0
     finished: list[dict[str, Any]] = []
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        for spec, outcome in zip(specs, pool.imap(_safe_job, specs), strict=True):
-            algo, env, seed, steps, where = spec[:5]
+    context = mp.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        futures = {pool.submit(_safe_job, spec): spec for spec in specs}
+        for future in as_completed(futures):  # recorded as each finishes, in any order
+            algo, env, seed, steps, where = futures[future][:5]
+            try:
+                outcome = future.result()
+            except BrokenProcessPool:  # a worker was killed: what finished is recorded
+                print(f"a worker died during {algo} {env} seed {seed}; run again to go on",
+                      file=sys.stderr)  # fmt: skip
+                return 1
             if isinstance(outcome, str):
                 failed += 1
                 print(f"FAILED {algo} {env} seed {seed}:\n{outcome}", file=sys.stderr)

@@ -214,3 +214,15 @@ def test_the_plan_lists_done_partial_and_missing_runs(tmp_path):
     assert lines[0].split()[:3] == ["done", "acktr", "CartPole-v1"]
     assert [line.split()[0] for line in lines[1:4]] == ["to", "to", "to"]
     assert lines[-1] == "3 runs to do in suite classic"
+
+
+def test_a_suite_run_is_recorded_and_not_repeated(tmp_path):
+    where = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    args = ["--suite", "classic", "--envs", "CartPole-v1", "--algos", "acktr", "--seeds", "1"]
+    done = _cli(*args, "--timesteps", "640", "--workers", "1", *where)
+    assert done.returncode == 0, done.stderr
+    rows = SuiteResults(tmp_path / "out", "classic").rows()
+    assert [(r["algo"], r["seed"], r["timesteps"]) for r in rows] == [("acktr", "0", "640")]
+    assert (tmp_path / "out" / "classic" / "CartPole-v1.png").exists()
+    again = _cli(*args, "--timesteps", "640", *where)
+    assert again.returncode == 0 and "0 runs to do" in again.stdout
