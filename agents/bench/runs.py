@@ -123,9 +123,9 @@ def make_sb3_env(task: Task, settings: dict[str, Any], seed: int) -> Any:
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
 
-    from agents.envs import import_env_packages, is_atari, resolve_wrappers
+    from agents.envs import check_env_id, is_atari, resolve_wrappers
 
-    import_env_packages(list(task.env_packages))
+    check_env_id(task.env, task.env_packages)  # imports the packages, registers ALE ids
     wrappers = settings.get("env_wrapper", [])
     wrappers = resolve_wrappers(wrappers if isinstance(wrappers, list) else [wrappers])
 
