@@ -8,6 +8,7 @@ side by side, under the MLP. Heads: one per action space (:mod:`agents.distribut
 
 from __future__ import annotations
 
+import itertools
 import math
 import typing
 from dataclasses import dataclass
@@ -259,13 +260,16 @@ class ActorCritic(nn.Module):
         return self.pi.weight.new_zeros(k, self.rnn.num_layers, n, self.rnn.hidden_size)
 
     def _core(self, x: Tensor, state: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
-        """One step of the recurrent core for ``x`` (n, features); episodes that start here
-        begin from the zero state."""
+        """The recurrent core over ``x`` (one step ``(n, features)``, or steps ``(T, n,
+        features)`` without episode starts after the first); episodes that start at the first
+        step begin from the zero state."""
         assert self.rnn is not None
         state = state * (~starts).to(state.dtype)[None, None, :, None]
         hx = (state[0], state[1]) if isinstance(self.rnn, nn.LSTM) else state[0]
-        out, new = self.rnn(x.unsqueeze(0), hx)
-        return out[0], torch.stack(new) if isinstance(new, tuple) else new.unsqueeze(0)
+        one_step = x.dim() == 2
+        out, new = self.rnn(x.unsqueeze(0) if one_step else x, hx)
+        new_state = torch.stack(new) if isinstance(new, tuple) else new.unsqueeze(0)
+        return (out[0] if one_step else out), new_state
 
     def step(
         self, obs: Tensor, state: Tensor, starts: Tensor
@@ -282,8 +286,10 @@ class ActorCritic(nn.Module):
         steps, n = starts.shape
         x = self._encode(obs)
         x = x.reshape(steps, n, x.shape[-1])
+        # one fused call per stretch of steps in which no episode starts (after the first step)
+        cuts = [0, *(t for t in range(1, steps) if bool(starts[t].any())), steps]
         outs = []
-        for t in range(steps):
-            out, state = self._core(x[t], state, starts[t])
-            outs.append(out)
+        for a, b in itertools.pairwise(cuts):
+            out, state = self._core(x[a:b], state, starts[a])
+            outs.append(out.reshape(-1, out.shape[-1]))
         return self._heads(torch.cat(outs))
