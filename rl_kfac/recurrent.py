@@ -199,15 +199,22 @@ def _run(
     return torch.stack(outputs, dim=1), h, c
 
 
+def _one_sample(x: Tensor, hx: Any, x_dim: int, h_dim: int) -> tuple[Tensor, Any]:
+    """An unbatched call's input and state (a tensor or an LSTM's pair) as a batch of one."""
+    if isinstance(hx, tuple):
+        hx = tuple(v.unsqueeze(h_dim) for v in hx)
+    elif hx is not None:
+        hx = hx.unsqueeze(h_dim)
+    return x.unsqueeze(x_dim), hx
+
+
 def _sequence_forward(
     module: nn.RNNBase, x: Tensor, hx: Any, probe: Probe, blocks: dict[str, Block]
 ) -> Any:
     is_lstm = isinstance(module, nn.LSTM)
     unbatched = x.dim() == 2
     if unbatched:
-        x = x.unsqueeze(0 if module.batch_first else 1)
-        if hx is not None:
-            hx = tuple(v.unsqueeze(1) for v in hx) if is_lstm else hx.unsqueeze(1)
+        x, hx = _one_sample(x, hx, 0 if module.batch_first else 1, 1)
     seq = x if module.batch_first else x.transpose(0, 1)  # (N, T, in)
     n, dirs, size = seq.shape[0], 2 if module.bidirectional else 1, module.hidden_size
     if hx is None:
@@ -243,9 +250,7 @@ def _cell_forward(
     is_lstm = isinstance(module, nn.LSTMCell)
     unbatched = x.dim() == 1
     if unbatched:
-        x = x.unsqueeze(0)
-        if hx is not None:
-            hx = tuple(v.unsqueeze(0) for v in hx) if is_lstm else hx.unsqueeze(0)
+        x, hx = _one_sample(x, hx, 0, 0)
     if hx is None:
         zeros = x.new_zeros(x.shape[0], module.hidden_size)
         hx = (zeros, zeros) if is_lstm else zeros
