@@ -14,6 +14,7 @@ and pickling give a copy whose hooks feed the copied optimizer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -39,6 +40,7 @@ class Record(NamedTuple):
     block: Block
     inputs: Tensor  # the layer's input a
     grad_output: Tensor  # ∂L/∂s at the layer's output s
+    call: int = -1  # which forward call of a recurrent layer (its steps join across calls)
 
 
 class LoggedCall(NamedTuple):
@@ -51,11 +53,13 @@ class LoggedCall(NamedTuple):
 
 
 class _GradHook:
-    def __init__(self, capture: StatisticsCapture, block: Block, inputs: Tensor) -> None:
-        self.capture, self.block, self.inputs = capture, block, inputs
+    def __init__(
+        self, capture: StatisticsCapture, block: Block, inputs: Tensor, call: int = -1
+    ) -> None:
+        self.capture, self.block, self.inputs, self.call = capture, block, inputs, call
 
     def __call__(self, grad: Tensor) -> None:
-        self.capture._on_backward(Record(self.block, self.inputs, grad))
+        self.capture._on_backward(Record(self.block, self.inputs, grad, self.call))
 
 
 class _ForwardHook:
@@ -80,7 +84,9 @@ class _RecurrentHook:
         blocks = cap.recurrent.get(module)
         if not (cap.armed and torch.is_grad_enabled() and blocks):
             return None
-        return unrolled_forward(module, args, kwargs, cap._on_probe, blocks)
+        cap._recurrent_calls += 1
+        probe = functools.partial(cap._on_probe, call=cap._recurrent_calls)
+        return unrolled_forward(module, args, kwargs, probe, blocks)
 
 
 class _DiscoveryHook:
@@ -132,6 +138,7 @@ class StatisticsCapture:
         self.blocks: dict[nn.Module, Block] = {}
         # recurrent layers: their blocks by key ("ih_l0", "hh_l0", ...)
         self.recurrent: dict[nn.Module, dict[str, Block]] = {}
+        self._recurrent_calls = 0  # forward calls of recurrent layers rerun so far
         self.unsupported: list[str] = []
         self._wanted_params: list[Tensor] = []  # parameters whose owning layer is still unknown
         self.wanted: set[int] = set()  # their ids (rebuilt after a copy: ids change)
@@ -158,10 +165,13 @@ class StatisticsCapture:
                 LoggedCall(block, not args[0].requires_grad, output, output._version)
             )
 
-    def _on_probe(self, block: Block, inputs: Tensor, probe: Tensor) -> None:
+    def _on_probe(self, block: Block, inputs: Tensor, probe: Tensor, call: int = -1) -> None:
         """A recurrent block's probe: its gradient is the block's per-step output gradient. A
-        probe is a leaf, so the Fisher backward pass must ask for it: it is logged as a root."""
-        probe.register_hook(_GradHook(self, block, inputs))
+        probe is a leaf, so the Fisher backward pass must ask for it: it is logged as a root.
+        The hook keeps the inputs detached: the hidden states depend on the probe, and a hook
+        holding them would tie the graph to itself (a cycle through autograd's C++ graph that
+        Python's collector cannot free)."""
+        probe.register_hook(_GradHook(self, block, inputs.detach(), call))
         self._forward_log.append(LoggedCall(block, True, probe, probe._version))
 
     def _on_backward(self, record: Record) -> None:
@@ -231,9 +241,9 @@ class StatisticsCapture:
                 if trainable(p) and id(p) not in covered]  # fmt: skip
         if left:  # e.g. a trainable bias of a frozen weight
             self.unsupported.append(f"{name}: {', '.join(left)} belong to no K-FAC block")
-        if not blocks:
-            return
         self.recurrent[module] = {b.key: b for b in blocks if isinstance(b, RecurrentBlock)}
+        if not blocks:  # known, so that discovery does not add it again
+            return
         for p in module.parameters(recurse=False):
             self.wanted.discard(id(p))
         hook = _RecurrentHook(self, module)
@@ -316,7 +326,7 @@ class StatisticsCapture:
 
     def __repr__(self) -> str:
         return (
-            f"StatisticsCapture(blocks={len(self.blocks)}, conv_approx={self.conv_approx!r}, "
+            f"StatisticsCapture(blocks={len(self.all_blocks())}, conv_approx={self.conv_approx!r}, "
             f"empirical={self.empirical}, armed={self._armed}, discovering={self.discovering})"
         )
 

@@ -47,7 +47,8 @@ class KFAC(Optimizer):
     with the trust-region clip of ACKTR (Wu et al. 2017).
 
     Args:
-        model_or_params: an ``nn.Module`` (its ``nn.Linear``/``nn.Conv2d`` layers are found now),
+        model_or_params: an ``nn.Module`` (its ``nn.Linear``/``nn.Conv2d`` and recurrent layers
+            are found now),
             or an iterable of parameters / parameter groups as for any torch optimizer (the layers
             owning them are found on the first forward pass; Stable-Baselines3 passes these).
         lr: learning rate η (per group).
@@ -77,8 +78,9 @@ class KFAC(Optimizer):
             loops you do not control, such as Stable-Baselines3's.
         statistics_rows: estimate each layer's A and G from at most this many rows per call,
             drawn uniformly at random (unbiased; Grosse & Martens 2016 subsample conv positions
-            the same way). Rows are batch samples, and for conv ``expand`` also positions, so a
-            Nature CNN's first layer at batch 640 has 256,000; only the drawn patches are built.
+            the same way). Rows are batch samples, and for conv ``expand`` also positions (for a
+            recurrent layer's ``expand``, steps), so a Nature CNN's first layer at batch 640 has
+            256,000; only the drawn patches are built.
             ``None`` (default): every row, exactly.
         inverse_mode: ``"sync"`` (default) — due eigendecompositions run inside ``step()``;
             ``"background"`` — they run in a worker thread (side stream on CUDA) from a copy of
@@ -492,6 +494,7 @@ class KFAC(Optimizer):
             f"stat_decay={self.stat_decay}, factor_update_interval={self.factor_update_interval}, "
             f"inverse_update_interval={self.inverse_update_interval}, "
             f"damping_mode={self.damping_mode!r}, conv_approx={self.conv_approx!r}, "
+            f"recurrent_approx={self.recurrent_approx!r}, "
             f"factor_dtype={self.factor_dtype}, statistics={self.statistics!r}, "
             f"statistics_rows={self.statistics_rows}, inverse_mode={self.inverse_mode!r}, "
             f"host_sync={self.host_sync!r}, "

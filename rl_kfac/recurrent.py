@@ -24,7 +24,10 @@ PyTorch's fused kernels do not expose the per-step gate gradients. While statist
 forward hook runs the layer again step by step with the same weights and returns that output in
 place of the fused one (the same function, in other rounding), with a zero "probe" tensor added
 to each pre-activation: the gradient that reaches a probe is the per-step gate gradient. The
-user's model is not changed, and passes without statistics use the fused kernel.
+user's model is not changed, and passes without statistics use the fused kernel. Limits: one
+K-FAC optimizer per recurrent layer (a second one's rerun would replace the first's output, and
+its probes with it); a subclass that overrides ``forward`` is refused; under ``torch.autocast``
+the rerun computes in the input's dtype, not the fused kernel's lower precision.
 """
 
 from __future__ import annotations
@@ -84,6 +87,12 @@ class RecurrentBlock(Block):
 def check_recurrent(module: nn.Module, name: str) -> None:
     """``ValueError`` naming the layer for what the step-by-step rerun cannot reproduce."""
     kind = type(module).__name__
+    base = next(c for c in RECURRENT_LAYERS if isinstance(module, c))
+    if type(module).forward is not base.forward:
+        raise ValueError(
+            f"{name}: {kind} overrides {base.__name__}.forward; the step-by-step rerun would "
+            "replace what its forward computes"
+        )
     if getattr(module, "proj_size", 0):
         raise ValueError(f"{name}: {kind} with proj_size > 0 has no K-FAC block here")
     if getattr(module, "nonlinearity", "tanh") not in ("tanh", "relu"):
@@ -186,13 +195,15 @@ def _run(
         probe(block_ih, x, p_ih)
         zi = zi + p_ih
     p_hh = zi.new_zeros((n, t, w_hh.shape[0]), requires_grad=True) if block_hh else None
+    # unbind, not per-step indexing: its backward is one stack, not T zero-filled copies
+    p_steps = p_hh.unbind(1) if p_hh is not None else None
     outputs, previous = [], []
-    for step in range(t):
+    for step, zi_t in enumerate(zi.unbind(1)):
         previous.append(h)
         zh = nn.functional.linear(h, w_hh, b_hh)
-        if p_hh is not None:
-            zh = zh + p_hh[:, step]
-        h, c = _step(module, zi[:, step], zh, h, c)
+        if p_steps is not None:
+            zh = zh + p_steps[step]
+        h, c = _step(module, zi_t, zh, h, c)
         outputs.append(h)
     if block_hh is not None and p_hh is not None:
         probe(block_hh, torch.stack(previous, dim=1), p_hh)
@@ -234,7 +245,7 @@ def _sequence_forward(
             last_h.append(h)
             last_c.append(c)
         seq = torch.cat(outs, dim=-1) if dirs > 1 else outs[0]
-    out = seq if module.batch_first else seq.transpose(0, 1)
+    out = seq if module.batch_first else seq.transpose(0, 1).contiguous()  # as the fused kernel
     h_n = torch.stack(last_h)
     c_n = torch.stack([c for c in last_c if c is not None]) if is_lstm else None
     if unbatched:

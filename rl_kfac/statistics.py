@@ -50,8 +50,9 @@ def batch_factors(
     records = _join_steps(records)
     calls = Counter(r.block for r in records)
     batch: dict[Block, tuple[Tensor, Tensor]] = {}
-    for block, inputs, grad_output in records:
-        x, sx, y, sy = _rows(block, inputs.to(dtype), grad_output.to(dtype), max_rows)
+    for record in records:
+        block = record.block
+        x, sx, y, sy = _rows(block, record.inputs.to(dtype), record.grad_output.to(dtype), max_rows)
         w, beta = 1.0 / calls[block], 1.0
         if block not in batch:
             a = x.new_empty(block.dim_a, block.dim_a)
@@ -64,23 +65,29 @@ def batch_factors(
 
 
 def _join_steps(records: list[Record]) -> list[Record]:
-    """Calls of one recurrent layer on the same sequences (a policy stepping its LSTM once per
-    time step) are the steps of those sequences: joined along time into one call, so that its
-    factors are those of the whole sequence (:mod:`rl_kfac.recurrent`), not a mean over steps.
-    """
-    calls: dict[Block, list[Record]] = {}
+    """Forward calls of one recurrent layer with the same batch size N within one statistics
+    update are taken as consecutive steps of the same N sequences (a policy stepping its LSTM
+    once per step, or once per stretch of steps): joined along time, in call order, into one
+    record, so that the factors are those of the whole sequences (:mod:`rl_kfac.recurrent`),
+    not a mean over steps. Records of the same call (several backward passes) stay separate
+    passes, averaged as any layer's calls are."""
+    out: list[Record] = []
+    groups: dict[tuple[Block, int], dict[int, list[Record]]] = {}
     for r in records:
         if isinstance(r.block, RecurrentBlock):
-            calls.setdefault(r.block, []).append(r)
-    joined = {
-        block: Record(
-            block, torch.cat([r.inputs for r in rs], 1), torch.cat([r.grad_output for r in rs], 1)
-        )
-        for block, rs in calls.items()
-        if len(rs) > 1 and len({r.inputs.shape[0] for r in rs}) == 1
-    }
-    out = [r for r in records if r.block not in joined]
-    return out + list(joined.values())
+            groups.setdefault((r.block, r.inputs.shape[0]), {}).setdefault(r.call, []).append(r)
+        else:
+            out.append(r)
+    for (block, _), by_call in groups.items():
+        passes = {len(rs) for rs in by_call.values()}
+        if len(by_call) == 1 or len(passes) != 1:
+            out += [r for rs in by_call.values() for r in rs]
+            continue
+        for k in range(passes.pop()):  # the k-th backward pass through every call
+            steps = [by_call[call][k] for call in sorted(by_call)]
+            inputs = torch.cat([r.inputs for r in steps], 1)
+            out.append(Record(block, inputs, torch.cat([r.grad_output for r in steps], 1)))
+    return out
 
 
 def _rows(

@@ -92,7 +92,7 @@ def record(args: argparse.Namespace) -> None:
 def _batch_factors(records: list[Any]) -> dict[str, dict[str, torch.Tensor]]:
     """This batch's A and G per layer in float64, straight from the recorded rows."""
     rows: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for block, a, g in records:
+    for block, a, g, _ in records:
         x, sx = block.input_rows(a.double())
         y, sy = block.grad_rows(g.double())
         rows.setdefault(block, []).append((sx * x.T @ x, sy * y.T @ y))

@@ -103,7 +103,7 @@ def test_recorded_rows_sum_to_the_fused_kernels_weight_gradients(cls, bidirectio
     F.mse_loss(head(plain(x)[0]), target).backward()
     grads = dict(plain.named_parameters())
     seen = set()
-    for block, a, g in records:
+    for block, a, g, _ in records:
         assert isinstance(block, RecurrentBlock) and a.shape[:2] == g.shape[:2] == (3, 5)
         ones = torch.ones(*a.shape[:2], 1)
         outer = torch.einsum("ntg,nta->ga", g, torch.cat([a, ones], -1))
@@ -323,3 +323,83 @@ def test_expand_is_not_exact_when_steps_mix():
     """The check above can fail: with a recurrent weight the steps' Jacobians mix and the
     Kronecker block is only an approximation."""
     assert _ih_block_against_the_ggn(0.5) > 1e-2
+
+
+def test_an_armed_forward_leaves_no_graph_alive():
+    """The probe hooks keep their inputs detached: a rerun's graph is freed with its loss
+    (hidden states depend on the probe; a hook holding them would make an uncollectable cycle)."""
+    import gc
+    import weakref
+
+    layer = nn.LSTM(3, 4, batch_first=True)
+    opt = KFAC(layer)
+    refs = []
+    for _ in range(3):
+        out = layer(torch.randn(2, 5, 3))[0]
+        refs += [weakref.ref(c.output) for c in opt._capture._forward_log]
+        with opt.record_statistics():
+            out.pow(2).mean().backward()
+        opt._capture.take_forward_log()
+        del out
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
+
+
+def test_steps_given_one_call_each_equal_one_call_of_all_steps():
+    torch.manual_seed(8)
+    x, target = torch.randn(3, 6, 4), torch.randn(3, 6, 2)
+    factors = []
+    for per_step in (False, True):
+        torch.manual_seed(9)
+        layer, head = nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 2)
+        opt = KFAC(layer, factor_dtype=torch.float64)
+        if per_step:  # the state carried from call to call, as a policy steps its LSTM
+            state, outs = None, []
+            for t in range(6):
+                out, state = layer(x[:, t : t + 1], state)
+                outs.append(out)
+            out = torch.cat(outs, 1)
+        else:
+            out = layer(x)[0]
+        with opt.record_statistics():
+            F.mse_loss(head(out), target).backward()
+        factors.append([opt.state[b.weight][k] for b in opt.blocks for k in ("A", "G")])
+    for mine, ref in zip(*factors):
+        torch.testing.assert_close(mine, ref)
+
+
+def test_repeated_backward_passes_are_averaged_not_joined():
+    """Two backward passes through one forward count like two calls of a Linear layer (the
+    mean), not as twice the steps."""
+    torch.manual_seed(10)
+    layer, head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+    model = nn.ModuleDict({"rnn": layer, "head": head})
+    x, target = torch.randn(2, 5, 3), torch.randn(2, 5, 2)
+    g = {}
+    for twice in (False, True):
+        opt = KFAC(model, factor_dtype=torch.float64)
+        loss = F.mse_loss(head(layer(x)[0]), target)
+        with opt.record_statistics():
+            loss.backward(retain_graph=True)
+            if twice:
+                loss.backward()
+        g[twice] = {b.name: opt.state[b.weight]["G"].clone() for b in opt.blocks}
+        opt.remove_hooks()
+    for name in ("head", "rnn.ih_l0", "rnn.hh_l0"):
+        torch.testing.assert_close(g[True][name], g[False][name])
+
+
+def test_a_sequence_first_rerun_is_contiguous_like_the_fused_output():
+    layer = nn.GRU(3, 4)  # (T, N, features)
+    KFAC(layer)
+    out = layer(torch.randn(5, 2, 3))[0]
+    assert out.is_contiguous() and out.view(10, 4).shape == (10, 4)
+
+
+def test_a_subclass_with_its_own_forward_is_refused():
+    class Peephole(nn.LSTM):
+        def forward(self, x, hx=None):  # not what a rerun of nn.LSTM computes
+            return super().forward(x * 2, hx)
+
+    with pytest.raises(ValueError, match=r"overrides LSTM\.forward"):
+        KFAC(nn.Sequential(Peephole(3, 4)))
