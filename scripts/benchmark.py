@@ -32,8 +32,8 @@ from typing import Any
 
 from agents.bench.report import write_readme
 from agents.bench.results import SuiteResults, run_row
-from agents.bench.runs import episodes, run
-from agents.bench.suites import ALGOS, OURS, SUITES, find_task
+from agents.bench.runs import episodes, run, zoo_settings
+from agents.bench.suites import ALGOS, OURS, SB3_KFAC, SUITES, find_task
 from agents.cli import add_override_argument
 
 DEFAULT_OUT = "bench_results"
@@ -72,6 +72,52 @@ def run_dir(args: argparse.Namespace, algo: str, env: str, seed: int, steps: int
     return Path(args.work) / args.suite / env.replace("/", "-") / name
 
 
+def variant(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes runs of an experiment differ from the suite's own (one per results root)."""
+    return {"set": list(args.overrides), "speed": args.speed, "timesteps": args.timesteps}
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """The first problem with a run request, before anything is written; ``None`` if none."""
+    tasks = SUITES[args.suite]
+    envs = args.envs.split(",") if args.envs else []
+    algos = args.algos.split(",") if args.algos else []
+    for env in envs:
+        if env not in tasks:
+            return f"--envs: {env!r} is not in suite {args.suite} ({', '.join(tasks)})"
+    unknown = sorted(set(algos) - set(ALGOS))
+    if unknown:
+        return f"unknown --algos {unknown}; choose from {', '.join(ALGOS)}"
+    if len(set(envs)) != len(envs) or len(set(algos)) != len(algos):
+        return "--envs and --algos must not repeat a name"
+    if args.workers < 1 or args.checkpoint_interval < 1:
+        return "--workers and --checkpoint-interval must be >= 1"
+    if args.timesteps is not None and args.timesteps < 1:
+        return f"--timesteps must be >= 1, got {args.timesteps}"
+    default = Path(args.out).resolve() == Path(DEFAULT_OUT).resolve()
+    if default and (args.overrides or args.speed or args.timesteps):
+        return "--set, --speed and --timesteps runs are experiments: give them their own --out"
+    if args.overrides and algos and not set(algos) & set(OURS + SB3_KFAC):
+        return "--set overrides our configs: include acktr, ppo_kfac, sb3_acktr or sb3_ppo_kfac"
+    marker = Path(args.out) / "variant.json"
+    if not default and marker.exists() and json.loads(marker.read_text()) != variant(args):
+        return f"{args.out} holds another experiment ({marker.read_text()}): choose another --out"
+    for algo, env, _, _ in plan(args):  # every run's settings can be read
+        if algo not in OURS:
+            try:
+                zoo_settings(algo, find_task(env)[1], tuple(args.overrides))
+            except (KeyError, ValueError) as err:
+                return f"{algo} on {env}: no settings ({err})"
+    return None
+
+
+def _aside(directory: Path, why: str) -> Path:
+    n = 1
+    while directory.with_name(f"{directory.name}.{why}-{n}").exists():
+        n += 1
+    return directory.with_name(f"{directory.name}.{why}-{n}")
+
+
 def job(spec: tuple[str, str, int, int, str, tuple[str, ...], int, bool]) -> dict[str, Any]:
     algo, env, seed, steps, directory, overrides, interval, speed = spec
     _, task = find_task(env)
@@ -99,23 +145,19 @@ def main() -> int:
     parser.add_argument("--commit", help="with --ingest: the commit of runs that lack one")
     parser.add_argument("--device", help="with --ingest: the device of runs that lack one")
     args = parser.parse_args()
+    if (args.commit or args.device) and not args.ingest:
+        parser.error("--commit and --device go with --ingest")
     if args.report:
+        if not any(SuiteResults(Path(args.out), suite).rows() for suite in SUITES):
+            parser.error(f"no suite results under {args.out}: the README is left as it is")
         write_readme(Path("README.md"), Path(args.out), Path("configs"))
         print(f"README.md: results and configs tables rewritten from {args.out}/")
         return 0
     if args.ingest:
         return ingest([Path(d) for d in args.ingest], Path(args.out), args.commit, args.device)
-    tasks = SUITES[args.suite]
-    for env in args.envs.split(",") if args.envs else []:
-        if env not in tasks:
-            parser.error(f"--envs: {env!r} is not in suite {args.suite} ({', '.join(tasks)})")
-    unknown = sorted(set(args.algos.split(",")) - set(ALGOS)) if args.algos else []
-    if unknown:
-        parser.error(f"unknown --algos {unknown}; choose from {', '.join(ALGOS)}")
-    if (args.overrides or args.speed) and args.out == DEFAULT_OUT:
-        parser.error("--set and --speed runs are experiments: give them their own --out")
-    if args.overrides and args.algos and not set(args.algos.split(",")) & set(OURS):
-        parser.error("--set overrides our agents' configs: include acktr or ppo_kfac")
+    error = check_arguments(args)
+    if error:
+        parser.error(error)
 
     results = SuiteResults(Path(args.out), args.suite)
     done = results.finished()
@@ -130,6 +172,13 @@ def main() -> int:
     if args.list or not todo:
         print(f"{len(todo)} runs to do in suite {args.suite}")
         return 0
+    if args.out != DEFAULT_OUT:
+        (Path(args.out) / "variant.json").parent.mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "variant.json").write_text(json.dumps(variant(args)))
+    if args.rerun:  # a finished run's directory is kept, moved aside: the run starts afresh
+        for *_, where in todo:
+            if Path(where).exists():
+                Path(where).rename(_aside(Path(where), "rerun"))
     overrides = tuple(args.overrides)
     specs = [(*t, overrides, args.checkpoint_interval, args.speed) for t in todo]
     failed = 0
@@ -207,14 +256,21 @@ def ingest(run_dirs: list[Path], root: Path, commit: str | None, device: str | N
     ``result.json`` recorded them."""
     import yaml
 
-    for directory in run_dirs:
-        summary = json.loads((directory / "result.json").read_text())
-        cfg = yaml.safe_load((directory / "config.yaml").read_text())
-        if summary["timesteps"] < cfg["total_timesteps"]:
-            print(
-                f"error: {directory} is not finished: {summary['timesteps']} steps", file=sys.stderr
-            )
+    loaded = []
+    for directory in run_dirs:  # all checked before any is added
+        try:
+            summary = json.loads((directory / "result.json").read_text())
+            cfg = yaml.safe_load((directory / "config.yaml").read_text())
+            find_task(cfg["env_id"])
+        except (OSError, ValueError, KeyError) as err:
+            print(f"error: {directory}: {err}", file=sys.stderr)
             return 2
+        if summary["timesteps"] < cfg["total_timesteps"]:
+            steps = summary["timesteps"]
+            print(f"error: {directory} is not finished: {steps} steps", file=sys.stderr)
+            return 2
+        loaded.append((directory, summary, cfg))
+    for directory, summary, cfg in loaded:
         suite, task = find_task(cfg["env_id"])
         summary["commit"] = commit or summary.get("commit", "unknown")
         summary["device"] = device or summary.get("device", "unknown")

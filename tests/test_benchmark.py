@@ -173,6 +173,11 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, algo):
         assert progress["timesteps"] == 2560
         assert sorted(p.name for p in directory.glob("model_*.zip")) == [progress["model"]]
 
+    if algo in OURS:  # stopped after its last checkpoint, before writing result.json
+        (directory / "result.json").unlink()
+        again = run(algo, task, 0, 2560, directory, checkpoint_interval=640)
+        assert again["timesteps"] == 2560 and again["commit"] == second["commit"]
+
     stale = tmp_path / "stale"
     stale.mkdir()
     (stale / "notes.txt").write_text("mine")
@@ -197,11 +202,28 @@ def test_the_cli_refuses_bad_input_with_exit_2_before_writing(tmp_path):
         (["--suite", "classic", "--algos", "sac"], "unknown --algos"),
         (["--suite", "classic", "--set", "lr=0.1"], "give them their own --out"),
         (["--suite", "nope"], "invalid choice"),
+        (["--suite", "classic", "--timesteps", "100"], "give them their own --out"),
+        (["--suite", "classic", "--workers", "0"], "must be >= 1"),
+        (["--suite", "classic", "--algos", "acktr,acktr"], "must not repeat"),
+        (["--suite", "recurrent", "--algos", "ppo", "--seeds", "1"], "ppo on CartPoleNoVel-v1"),
+        (["--commit", "abc"], "go with --ingest"),
+        (["--report", "--out", str(out)], "no suite results"),
     ]
     for args, message in bad:
         done = _cli(*args, "--work", str(tmp_path / "work"))
         assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not out.exists() and not (tmp_path / "work").exists()
+    readme = (ROOT / "README.md").read_text()
+    assert report.block(readme, report.RESULTS)  # the failed --report left the README alone
+
+
+def test_an_experiment_root_holds_one_variant(tmp_path):
+    where = ["--out", str(tmp_path / "exp"), "--work", str(tmp_path / "work")]
+    args = ["--suite", "classic", "--envs", "CartPole-v1", "--algos", "acktr", "--seeds", "1"]
+    first = _cli(*args, "--timesteps", "320", "--set", "lr=0.1", "--workers", "1", *where)
+    assert first.returncode == 0, first.stderr
+    other = _cli(*args, "--timesteps", "320", "--set", "lr=0.2", *where)
+    assert other.returncode == 2 and "holds another experiment" in other.stderr
 
 
 def test_the_plan_lists_done_partial_and_missing_runs(tmp_path):
@@ -226,3 +248,8 @@ def test_a_suite_run_is_recorded_and_not_repeated(tmp_path):
     assert (tmp_path / "out" / "classic" / "CartPole-v1.png").exists()
     again = _cli(*args, "--timesteps", "640", *where)
     assert again.returncode == 0 and "0 runs to do" in again.stdout
+    rerun = _cli(*args, "--timesteps", "640", "--rerun", "--workers", "1", *where)
+    assert rerun.returncode == 0, rerun.stderr
+    old = tmp_path / "work" / "classic" / "CartPole-v1" / "acktr_s0_640.rerun-1"
+    assert (old / "result.json").exists()  # the first run's directory, kept
+    assert len(SuiteResults(tmp_path / "out", "classic").rows()) == 1

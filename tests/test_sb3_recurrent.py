@@ -82,8 +82,9 @@ def test_recurrent_ppo_kfac_records_the_true_fisher_and_adapts_damping(tmp_path)
 
 
 def test_the_kl_states_reproduce_the_rollouts_log_probabilities():
-    """Each stored step evaluated from the LSTM state the rollout stored before it gives the
-    log-probability the rollout recorded: the KL for damping compares the right policies."""
+    """Each environment's stored sequence, replayed from the LSTM state stored at its start
+    (episode starts resetting it), gives the log-probabilities the rollout recorded: the KL
+    for damping compares the right policies."""
     model = RecurrentPPOKFAC(
         "MlpLstmPolicy",
         make_vec_env("CartPole-v1", n_envs=3, seed=0),
@@ -97,10 +98,12 @@ def test_the_kl_states_reproduce_the_rollouts_log_probabilities():
     assert np.asarray(buffer.episode_starts)[1:].any()  # episodes began inside the rollout
     dists = model._distributions(model._rollout_states())
     assert len(dists) == 1
-    actions = torch.as_tensor(np.asarray(buffer.actions).reshape(-1))
-    torch.testing.assert_close(
-        dists[0].log_prob(actions), torch.as_tensor(np.asarray(buffer.log_probs).reshape(-1))
-    )
+
+    def by_env(x):  # (steps, envs) -> each env's sequence in turn, as the replay orders them
+        return torch.as_tensor(np.asarray(x).reshape(40, 3).T.reshape(-1))
+
+    actions = by_env(buffer.actions)
+    torch.testing.assert_close(dists[0].log_prob(actions), by_env(buffer.log_probs))
 
 
 def test_a_policy_without_kfac_is_refused():
@@ -108,3 +111,42 @@ def test_a_policy_without_kfac_is_refused():
 
     with pytest.raises(ValueError, match="needs a K-FAC policy"):
         RecurrentPPOKFAC(RecurrentActorCriticPolicy, "CartPole-v1", **SMALL)
+
+
+def test_dict_observations_and_padding_masks():
+    """MultiInputLstmPolicy trains with KL damping (the replay handles Dict observations), and
+    minibatches' padded steps are left out of the Fisher loss."""
+    from stable_baselines3.common.envs import SimpleMultiObsEnv
+
+    model = RecurrentPPOKFAC(
+        "MultiInputLstmPolicy",
+        make_vec_env(SimpleMultiObsEnv, n_envs=2, seed=0),
+        policy_kwargs=dict(lstm_hidden_size=8),
+        **SMALL,
+    )
+    seen = []
+    real_steps = model.policy.real_steps
+
+    def spy(mask):
+        seen.append(mask.clone())
+        return real_steps(mask)
+
+    model.policy.real_steps = spy
+    model.learn(64)
+    assert seen and any(not bool(m.all()) for m in seen)  # some minibatches had padding
+    assert model.policy.optimizer.counters["statistics_updates"] > 0
+
+
+def test_the_fisher_loss_of_selected_rows():
+    from stable_baselines3.common.distributions import CategoricalDistribution
+
+    from rl_kfac.fisher import categorical_fisher_loss
+    from rl_kfac.sb3 import policy_fisher_loss
+
+    logits = torch.randn(6, 3)
+    dist = CategoricalDistribution(3).proba_distribution(action_logits=logits)
+    rows = torch.tensor([True, False, True, True, False, False])
+    torch.manual_seed(0)
+    mine = policy_fisher_loss(dist, rows)
+    torch.manual_seed(0)
+    torch.testing.assert_close(mine, categorical_fisher_loss(logits[rows]))

@@ -75,7 +75,7 @@ def _fmt(task: Task) -> str:
 def _row(task: Task, runs: list[dict[str, str]], role: str) -> str:
     """Unreached runs count as later than the budget in the median."""
     firsts = [float(r["first_to_threshold"] or "inf") for r in runs]
-    finals = [float(r["final_last100"]) for r in runs]
+    finals = [float(r["final_last100"] or "nan") for r in runs]  # nan: no episode finished
     seeds = [int(r["seed"]) for r in runs]
     med = statistics.median(firsts)
     fmt = _fmt(task)
@@ -105,7 +105,7 @@ def _goal_table(tasks: dict[str, Task], rows: list[dict[str, str]]) -> str:
                 and int(r["seed"]) < 5
                 and int(r["timesteps"]) == task.timesteps
             ]
-            finals = [float(r["final_last100"]) for r in runs]
+            finals = [float(r["final_last100"] or "nan") for r in runs]
             if not finals:
                 verdict, med = "no runs yet", ""
             else:

@@ -48,7 +48,7 @@ def run(
         if algo in OURS:
             _train_ours(algo, task, seed, timesteps, run_dir, overrides, checkpoint_interval)
         else:
-            _train_sb3(algo, task, seed, timesteps, run_dir, checkpoint_interval, speed)
+            _train_sb3(algo, task, seed, timesteps, run_dir, overrides, checkpoint_interval, speed)
     return json.loads(done.read_text())
 
 
@@ -61,10 +61,15 @@ def _train_ours(
     overrides: tuple[str, ...],
     checkpoint_interval: int,
 ) -> None:
+    from agents.checkpoint import load_checkpoint
     from agents.config import load_config
     from agents.trainer import Trainer, trainer_from_checkpoint
 
     if (run_dir / "last.pt").exists():
+        payload = load_checkpoint(run_dir / "last.pt")
+        if int(payload["timesteps"]) >= timesteps:  # stopped after its last save: it is done
+            _finished_from(payload, run_dir)
+            return
         trainer = trainer_from_checkpoint(run_dir / "last.pt", {"total_timesteps": timesteps})
     else:
         settings = [f"checkpoint_interval={checkpoint_interval}", *overrides]
@@ -76,13 +81,30 @@ def _train_ours(
     trainer.train()
 
 
-def zoo_settings(algo: str, task: Task) -> dict[str, Any]:
-    """rl-zoo's hyperparameters for SB3's ``a2c``/``ppo``; our config's for ``sb3_*``."""
+def _finished_from(payload: dict[str, Any], run_dir: Path) -> None:
+    """``result.json`` of a run that stopped between its last checkpoint and writing it."""
+    from agents.provenance import provenance
+
+    wall = float(payload.get("wall_time", 0.0))
+    summary = {
+        "timesteps": int(payload["timesteps"]),
+        "wall_time_s": wall,
+        "wall_time_total_s": wall,
+        "threads": 1,
+        "device": "unknown",
+        **provenance(),
+    }
+    (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
+
+
+def zoo_settings(algo: str, task: Task, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """rl-zoo's hyperparameters for the SB3 reference algorithms; our config's (with
+    ``overrides``) for ``sb3_*``. ``KeyError`` if rl-zoo has no entry for the task."""
     if algo.startswith("sb3_"):
         from agents.config import load_config
         from agents.sb3_settings import zoo_entry
 
-        return zoo_entry(load_config(task.config_path(algo)))
+        return zoo_entry(load_config(task.config_path(algo), list(overrides)))
     import rl_zoo3
     import yaml
 
@@ -142,12 +164,12 @@ def make_sb3_env(task: Task, settings: dict[str, Any], seed: int) -> Any:
         wrapper_class=wrap,
         env_kwargs=env_kwargs,
     )
-    if settings.get("frame_stack"):
-        envs = VecFrameStack(envs, settings["frame_stack"])
     normalize = settings.get("normalize", False)
-    if normalize:
+    if normalize:  # rl-zoo's order: normalise, then stack frames
         options = eval(normalize, {}) if isinstance(normalize, str) else {}
         envs = VecNormalize(envs, gamma=settings.get("gamma", 0.99), **options)
+    if settings.get("frame_stack"):
+        envs = VecFrameStack(envs, settings["frame_stack"])
     return envs
 
 
@@ -157,13 +179,13 @@ def _train_sb3(
     seed: int,
     timesteps: int,
     run_dir: Path,
+    overrides: tuple[str, ...],
     checkpoint_interval: int,
     speed: bool,
 ) -> None:
     from sb3_contrib import RecurrentPPO
     from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
-    from stable_baselines3.common.vec_env import VecNormalize
 
     from agents.provenance import provenance
     from rl_kfac.sb3 import ACKTR, PPOKFAC
@@ -176,24 +198,26 @@ def _train_sb3(
         "recurrent_ppo": RecurrentPPO,
     }
     cls = classes[algo]
-    settings = zoo_settings(algo, task)
+    settings = zoo_settings(algo, task, overrides)
     if speed:
         from agents.config import load_config
 
         cfg = load_config(task.config_path(algo))
         settings.update(n_envs=cfg.n_envs, n_steps=cfg.n_steps)
-    envs = make_sb3_env(task, settings, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = run_dir / "progress.json"
     state = json.loads(progress.read_text()) if progress.exists() else None
+    done = int(state["timesteps"]) if state else 0
+    envs = make_sb3_env(task, settings, seed + done)  # a resumed run: fresh episodes
     if state is None:
         model = cls(settings.get("policy", "MlpPolicy"), envs, seed=seed, device="auto",
                     **sb3_model_arguments(settings))  # fmt: skip
         (run_dir / "settings.json").write_text(json.dumps(settings, indent=1, default=str))
     else:
-        if isinstance(envs, VecNormalize):
-            envs = VecNormalize.load(str(run_dir / state["vecnormalize"]), envs.venv)
+        if state["vecnormalize"]:
+            envs = _load_normalization(envs, run_dir / state["vecnormalize"])
         model = cls.load(run_dir / state["model"], env=envs, device="auto")
+        model.set_random_seed(seed + done)  # load() re-seeds with the run's seed: new streams
     callback = Checkpoints(run_dir, checkpoint_interval, state)
     model.learn(
         timesteps - model.num_timesteps, callback=callback, reset_num_timesteps=state is None
@@ -209,6 +233,16 @@ def _train_sb3(
     }
     (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
     envs.close()
+
+
+def _load_normalization(envs: Any, path: Path) -> Any:
+    """``envs`` with its VecNormalize (under a possible VecFrameStack) loaded from ``path``."""
+    from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
+
+    if isinstance(envs, VecFrameStack):
+        return VecFrameStack(_load_normalization(envs.venv, path), envs.n_stack)
+    assert isinstance(envs, VecNormalize)
+    return VecNormalize.load(str(path), envs.venv)
 
 
 class Checkpoints(BaseCallback):
@@ -227,6 +261,7 @@ class Checkpoints(BaseCallback):
         self.next_save = (done // interval + 1) * interval
         self._start = time.perf_counter()
         self._rollout_end: float | None = None
+        self._saved = done
 
     def wall(self) -> float:
         return self.wall_before + time.perf_counter() - self._start
@@ -250,7 +285,7 @@ class Checkpoints(BaseCallback):
             self._rollout_end = None
         if self.num_timesteps >= self.next_save:
             self.save(self.model)
-            self.next_save += self.interval
+            self.next_save = (self.num_timesteps // self.interval + 1) * self.interval
 
     def _on_training_end(self) -> None:
         self._on_rollout_start()
@@ -258,6 +293,9 @@ class Checkpoints(BaseCallback):
     def save(self, model: Any) -> None:
         self.log.flush()
         steps = int(model.num_timesteps)
+        if steps == self._saved:  # the files of this step exist and progress.json names them
+            return
+        self._saved = steps
         name = f"model_{steps}.zip"
         model.save(self.run_dir / name)
         envs = model.get_vec_normalize_env()

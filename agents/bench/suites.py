@@ -117,10 +117,11 @@ SUITES: dict[str, dict[str, Task]] = {
                 dict.fromkeys(("acktr", "ppo_kfac", "recurrent_ppo"), range(5)),
                 env_packages=("rl_zoo3.import_envs",),
             ),
-            # rl-zoo's ppo_lstm.yml has no LunarLanderNoVel entry: ours only
+            # rl-zoo's ppo_lstm settings are listed under v2 (5M steps there)
             Task(
                 "LunarLanderNoVel-v3", "lunarlander_novel", 200.0, 2_000_000,
-                "LunarLanderNoVel-v3", dict.fromkeys(("acktr", "ppo_kfac"), range(5)),
+                "LunarLanderNoVel-v2",
+                dict.fromkeys(("acktr", "ppo_kfac", "recurrent_ppo"), range(5)),
                 env_packages=("rl_zoo3.import_envs",),
             ),
         )

@@ -27,27 +27,32 @@ from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import Schedule
 from torch import Tensor
 
-from rl_kfac.actor_critic import record_fisher
+from rl_kfac.actor_critic import actor_critic_fisher_loss, record_fisher
 from rl_kfac.fisher import bernoulli_fisher_loss, categorical_fisher_loss, gaussian_fisher_loss
 from rl_kfac.optimizer import KFAC
 
 SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary, spaces.Box)
 
 
-def policy_fisher_loss(distribution: Distribution) -> Tensor:
+def policy_fisher_loss(distribution: Distribution, rows: Tensor | None = None) -> Tensor:
     """Sampled-Fisher loss of an SB3 Categorical, MultiCategorical, Bernoulli or DiagGaussian
-    distribution."""
+    distribution, over all its rows or the ``rows`` a boolean mask selects."""
+
+    def pick(x: Tensor) -> Tensor:
+        return x if rows is None else x[rows]
+
     if isinstance(distribution, CategoricalDistribution):
-        return categorical_fisher_loss(distribution.distribution.logits)
+        return categorical_fisher_loss(pick(distribution.distribution.logits))
     if isinstance(distribution, MultiCategoricalDistribution):
         # independent sub-actions: the Fisher is block-diagonal, the losses add
         parts = distribution.distribution
-        return torch.stack([categorical_fisher_loss(d.logits) for d in parts]).sum()
+        return torch.stack([categorical_fisher_loss(pick(d.logits)) for d in parts]).sum()
     if isinstance(distribution, BernoulliDistribution):
-        return bernoulli_fisher_loss(distribution.distribution.logits)
+        return bernoulli_fisher_loss(pick(distribution.distribution.logits))
     if isinstance(distribution, DiagGaussianDistribution):
         normal = distribution.distribution
-        return gaussian_fisher_loss(normal.mean, normal.scale.log())
+        mean = pick(normal.mean)
+        return gaussian_fisher_loss(mean, pick(normal.scale.expand_as(normal.mean)).log())
     raise ValueError(f"no K-FAC Fisher loss for {type(distribution).__name__}")
 
 
@@ -119,13 +124,24 @@ class KFACPolicySetup:
         own = super()._get_constructor_parameters()  # type: ignore[misc]
         return {**own, "vf_fisher_coef": self.vf_fisher_coef}
 
-    def record_statistics(self, distribution: Distribution, values: Tensor) -> None:
+    def record_statistics(
+        self, distribution: Distribution, values: Tensor, rows: Tensor | None = None
+    ) -> None:
         """K-FAC statistics from SB3's training forward, when due: the sampled-Fisher loss of
         ``distribution`` plus the value head's Gauss-Newton term (not under ``no_grad``: an
-        evaluation records nothing)."""
-        if torch.is_grad_enabled():
+        evaluation records nothing). With ``rows`` (a boolean mask) only those rows have loss
+        terms, still averaged over all rows (padding of recurrent minibatches)."""
+        if not torch.is_grad_enabled():
+            return
+        if rows is None:
             fisher = functools.partial(policy_fisher_loss, distribution)
             record_fisher(self.kfac, fisher, values, self.vf_fisher_coef)
+        elif self.kfac.statistics_due and bool(rows.any()):
+            share = rows.float().mean()
+            loss = actor_critic_fisher_loss(
+                policy_fisher_loss(distribution, rows), values[rows], self.vf_fisher_coef
+            )
+            self.kfac.fisher_backward(share * loss)
 
 
 class KFACActorCriticPolicy(KFACPolicySetup, ActorCriticPolicy):

@@ -5,7 +5,8 @@ the input and recurrent weights of each layer, shared across the steps of a sequ
 policies here record the statistics ACKTR uses from sb3-contrib's training forward: the NLL of
 actions sampled from the policy over the stored sequences, plus the value head's Gauss-Newton
 term. sb3-contrib pads sequences to equal length and masks the padding out of its loss; the
-padded steps get no gradient, so they add nothing to G but count as rows of A.
+Fisher loss leaves the padded steps out too (so they add nothing to G), but they are rows of A,
+and the factors' scales count all rows: the curvature is scaled by the real steps' share.
 
 Plain ``RecurrentPPO`` can take :class:`rl_kfac.KFAC` as its optimizer too (empirical Fisher,
 ``optimizer_kwargs=dict(statistics="empirical")``), as any SB3 algorithm can.
@@ -14,6 +15,8 @@ Plain ``RecurrentPPO`` can take :class:`rl_kfac.KFAC` as its optimizer too (empi
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,6 +42,16 @@ class KFACRecurrentActorCriticPolicy(KFACPolicySetup, RecurrentActorCriticPolicy
     built on the policy module (Linear layers and both LSTMs are blocks)."""
 
     _last_distribution: Distribution | None = None
+    _rows: Tensor | None = None  # the minibatch's real (not padded) steps
+
+    @contextmanager
+    def real_steps(self, mask: Tensor) -> Iterator[None]:
+        """Inside: training forwards are of a minibatch whose real steps ``mask`` marks."""
+        self._rows = mask
+        try:
+            yield
+        finally:
+            self._rows = None
 
     def _get_action_dist_from_latent(self, latent_pi: Tensor) -> Distribution:
         # kept for evaluate_actions, which returns log-probabilities but not the distribution
@@ -53,7 +66,7 @@ class KFACRecurrentActorCriticPolicy(KFACPolicySetup, RecurrentActorCriticPolicy
             obs, actions, lstm_states, episode_starts
         )
         assert self._last_distribution is not None
-        self.record_statistics(self._last_distribution, values)
+        self.record_statistics(self._last_distribution, values, self._rows)
         self._last_distribution = None
         return values, log_prob, entropy
 
@@ -84,41 +97,59 @@ class RecurrentPPOKFAC(_KFACTraining, RecurrentPPO):
     ``RecurrentPPOKFAC(policy, env, **kwargs)`` takes ``RecurrentPPO``'s arguments and the K-FAC
     ones of :class:`~rl_kfac.sb3.ACKTR`; defaults as :class:`~rl_kfac.sb3.PPOKFAC`'s with
     ``RecurrentPPO``'s 128-step rollouts in minibatches of 128 steps (whole padded sequences).
-    With ``damping_target_kl`` the KL(π_old ‖ π_new) that adapts λ is measured step by step from
-    the LSTM states the rollout stored, before and after the update.
+    With ``damping_target_kl`` the KL(π_old ‖ π_new) that adapts λ is measured on each
+    environment's stored sequence, replayed from the LSTM state the rollout stored at its start,
+    before and after the update (as our agents measure it).
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = _POLICIES
     defaults: ClassVar[dict[str, Any]] = {**PPOKFAC.defaults, "n_steps": 128, "batch_size": 128}
 
-    def _rollout_states(self) -> list[Any]:
-        """Every stored step as its own one-step sequence: observation, the actor LSTM's state
-        before it, and whether it began an episode (chunks; copies)."""
+    def train(self) -> None:
+        """sb3-contrib's ``train()``; each minibatch's padding mask reaches the policy, so that
+        its Fisher loss covers the real steps only."""
         buffer = self.rollout_buffer
-        space = self.policy.observation_space
-        n = buffer.buffer_size * buffer.n_envs
-        obs = np.asarray(buffer.observations).reshape(n, *(space.shape or ()))
-        # (steps, layers, envs, hidden) -> (layers, steps·envs, hidden)
-        hidden, cell = (
-            np.asarray(x).transpose(1, 0, 2, 3).reshape(x.shape[1], n, x.shape[3])
-            for x in (buffer.hidden_states_pi, buffer.cell_states_pi)  # type: ignore[attr-defined]
-        )
-        starts = np.asarray(buffer.episode_starts).reshape(n)
+        get = buffer.get
+
+        def minibatches(batch_size: int | None = None) -> Iterator[Any]:
+            for data in get(batch_size):
+                with self.policy.real_steps(data.mask > 1e-8):  # type: ignore[attr-defined]
+                    yield data
+
+        buffer.get = minibatches  # type: ignore[method-assign,assignment]  # this train() only
+        try:
+            super().train()
+        finally:
+            del buffer.get
+
+    def _rollout_states(self) -> list[Any]:
+        """Each environment's stored sequence with the actor LSTM's state at its first step
+        and the episode starts, in chunks of environments (copies): replayed whole, so that the
+        KL sees the hidden states the updated weights produce."""
+        buffer = self.rollout_buffer
+        steps, n_envs = buffer.buffer_size, buffer.n_envs
+
+        def by_env(x: Any, envs: slice) -> np.ndarray:  # (steps, envs, ...) -> (envs·steps, ...)
+            x = np.asarray(x)[:, envs]
+            return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
         device = self.policy.device
         chunks = []
-        for i in range(0, n, _KL_CHUNK):
-            part = slice(i, i + _KL_CHUNK)
-            state = (
-                torch.as_tensor(hidden[:, part], device=device),
-                torch.as_tensor(cell[:, part], device=device),
+        per_chunk = max(1, _KL_CHUNK // steps)
+        for i in range(0, n_envs, per_chunk):
+            envs = slice(i, i + per_chunk)
+            stored = buffer.observations
+            obs = (
+                {k: by_env(v, envs) for k, v in stored.items()}
+                if isinstance(stored, dict)
+                else by_env(stored, envs)
             )
-            chunks.append(
-                (
-                    obs_as_tensor(obs[part], device),
-                    state,
-                    torch.as_tensor(starts[part], device=device),
-                )
+            first = (  # (steps, layers, envs, hidden) at step 0
+                torch.as_tensor(np.asarray(x)[0][:, envs], device=device)
+                for x in (buffer.hidden_states_pi, buffer.cell_states_pi)  # type: ignore[attr-defined]
             )
+            starts = torch.as_tensor(by_env(buffer.episode_starts, envs), device=device)
+            chunks.append((obs_as_tensor(obs, device), tuple(first), starts))
         return chunks
 
     @torch.no_grad()
