@@ -287,7 +287,8 @@ class ActorCritic(nn.Module):
         x = self._encode(obs)
         x = x.reshape(steps, n, x.shape[-1])
         # one fused call per stretch of steps in which no episode starts (after the first step)
-        cuts = [0, *(t for t in range(1, steps) if bool(starts[t].any())), steps]
+        inner = (starts[1:].any(dim=1).nonzero().flatten() + 1).tolist()  # one host read
+        cuts = [0, *inner, steps]
         outs = []
         for a, b in itertools.pairwise(cuts):
             out, state = self._core(x[a:b], state, starts[a])
