@@ -113,7 +113,9 @@ def zoo_settings(algo: str, task: Task, overrides: tuple[str, ...] = ()) -> dict
 
 
 def _linear(initial: float, progress_remaining: float) -> float:
-    return progress_remaining * initial
+    """rl-zoo's ``lin_<x>`` schedule, held at 0 when the last rollout overruns the budget
+    (SB3's progress then goes below 0: a negative learning rate would step uphill)."""
+    return max(progress_remaining, 0.0) * initial
 
 
 def sb3_model_arguments(settings: dict[str, Any]) -> dict[str, Any]:
