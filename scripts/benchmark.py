@@ -32,7 +32,7 @@ from typing import Any
 
 from agents.bench.report import write_readme
 from agents.bench.results import SuiteResults, run_row
-from agents.bench.runs import episodes, run, zoo_settings
+from agents.bench.runs import aside, episodes, run, zoo_settings
 from agents.bench.suites import ALGOS, OURS, SB3_KFAC, SUITES, find_task
 from agents.cli import add_override_argument
 
@@ -111,13 +111,6 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _aside(directory: Path, why: str) -> Path:
-    n = 1
-    while directory.with_name(f"{directory.name}.{why}-{n}").exists():
-        n += 1
-    return directory.with_name(f"{directory.name}.{why}-{n}")
-
-
 def job(spec: tuple[str, str, int, int, str, tuple[str, ...], int, bool]) -> dict[str, Any]:
     algo, env, seed, steps, directory, overrides, interval, speed = spec
     _, task = find_task(env)
@@ -178,7 +171,7 @@ def main() -> int:
     if args.rerun:  # a finished run's directory is kept, moved aside: the run starts afresh
         for *_, where in todo:
             if Path(where).exists():
-                Path(where).rename(_aside(Path(where), "rerun"))
+                Path(where).rename(aside(Path(where), "rerun"))
     overrides = tuple(args.overrides)
     specs = [(*t, overrides, args.checkpoint_interval, args.speed) for t in todo]
     failed = 0

@@ -41,15 +41,20 @@ def run(
     if not (done.exists() and json.loads(done.read_text())["timesteps"] >= timesteps):
         checkpoint = run_dir / ("last.pt" if algo in OURS else "progress.json")
         if run_dir.exists() and any(run_dir.iterdir()) and not checkpoint.exists():
-            n = 1
-            while run_dir.with_name(f"{run_dir.name}.interrupted-{n}").exists():
-                n += 1
-            run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{n}"))
+            run_dir.rename(aside(run_dir, "interrupted"))
         if algo in OURS:
             _train_ours(algo, task, seed, timesteps, run_dir, overrides, checkpoint_interval)
         else:
             _train_sb3(algo, task, seed, timesteps, run_dir, overrides, checkpoint_interval, speed)
     return json.loads(done.read_text())
+
+
+def aside(directory: Path, why: str) -> Path:
+    """A free name next to ``directory`` to move it to: ``<name>.<why>-N``."""
+    n = 1
+    while directory.with_name(f"{directory.name}.{why}-{n}").exists():
+        n += 1
+    return directory.with_name(f"{directory.name}.{why}-{n}")
 
 
 def _train_ours(
