@@ -253,6 +253,31 @@ def trainer_worker(rank: int, port: int, out: str, resume: bool) -> None:
     shutdown()
 
 
+def recurrent_worker(rank: int, port: int, out: str) -> None:
+    """Two ranks training recurrent PPO-KFAC: sequences, states and the LSTM's statistics."""
+    os.environ.update(
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    from agents.config import load_config
+    from agents.trainer import Trainer
+
+    overrides = ["total_timesteps=1024", "n_envs=4", "n_steps=16", "batch_size=32"]
+    cfg = load_config(ROOT / "configs/ppo_kfac/cartpole_novel.yaml", overrides)
+    trainer = Trainer(cfg, Path(out) / "run")
+    trainer.train()
+    state = trainer.algo.optimizer.state_dict()["state"]
+    torch.save(
+        {"params": list(trainer.policy.parameters()), "state": state, "steps": trainer.timesteps},
+        Path(out) / f"{rank}.pt",
+    )
+    shutdown()
+
+
 def rank_results(out: Path) -> list[dict]:
     return [torch.load(out / f"{r}.pt", weights_only=True) for r in range(WORLD)]
 
@@ -284,6 +309,14 @@ def test_training_on_two_ranks_keeps_them_identical_and_resumes(tmp_path):
     assert [r["steps"] for r in resumed] == [4800, 4800]
     assert_ranks_identical(resumed)
     assert load_checkpoint(tmp_path / "run/last.pt")["updates"] == 30
+
+
+def test_recurrent_training_on_two_ranks_keeps_them_identical(tmp_path):
+    assert run_workers(recurrent_worker, free_port(), str(tmp_path)) == [0, 0]
+    results = rank_results(tmp_path)
+    assert [r["steps"] for r in results] == [1024, 1024]
+    assert_ranks_identical(results)
+    assert any("A" in state for state in results[0]["state"].values())
 
 
 def test_torchrun_runs_the_training_script(tmp_path):
