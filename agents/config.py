@@ -85,7 +85,7 @@ class Config:
     damping_max_factor: float = 2.0
     damping_min: float = 1e-4
     damping_max: float = 1.0
-    damping_target_schedule: TargetSchedule = "lr_squared"  # or constant (rl_kfac.damping)
+    damping_target_schedule: TargetSchedule = "constant"  # or lr_squared (rl_kfac.damping)
     lm_omega: float = 1.5
     # PPO-KFAC
     n_epochs: int = 4

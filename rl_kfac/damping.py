@@ -46,8 +46,9 @@ class KLDampingController:
     """Moves the damping λ multiplicatively toward a target KL(π_old ‖ π_new) per update.
 
     ``λ ← clip(λ · clip((kl / target)^rate, 1/max_factor, max_factor), λ_min, λ_max)``, with
-    ``target = target_kl · (lr / lr₀)²`` under a learning-rate schedule (``target_schedule``
-    ``"lr_squared"``, see :meth:`update`) or ``target_kl`` throughout (``"constant"``): an update
+    ``target = target_kl`` throughout (``target_schedule="constant"``, the default) or
+    ``target_kl · (lr / lr₀)²`` under a learning-rate schedule (``"lr_squared"``, see
+    :meth:`update`): an update
     that overshoots the target raises λ (shorter, more curvature-dominated steps), a timid one
     lowers it. The response is monotone in the measured KL and bounded per update and
     overall. Reference RL implementations adapt the step size from the KL instead (e.g. PPO's
@@ -61,7 +62,7 @@ class KLDampingController:
         max_factor: float = 2.0,
         damping_min: float = 1e-4,
         damping_max: float = 1.0,
-        target_schedule: TargetSchedule = "lr_squared",
+        target_schedule: TargetSchedule = "constant",
     ) -> None:
         if target_schedule not in TARGET_SCHEDULES:
             raise ValueError(
@@ -79,14 +80,15 @@ class KLDampingController:
 
     def update(self, damping: float, kl: float, lr_fraction: float = 1.0) -> float:
         """The new λ after an update of measured ``kl`` taken at ``lr_fraction`` of the initial
-        learning rate: the target is ``target_kl · lr_fraction²``, since an update's KL scales
-        with the square of its step. A fixed target under a decaying learning rate would lower
+        learning rate. With ``"lr_squared"`` the target is ``target_kl · lr_fraction²``, since
+        an update's KL scales with the square of its step. A fixed target under a decaying learning rate would lower
         λ to make up for the smaller steps, undoing the schedule; once λ is small the damped
         quadratic model, and with it the trust region, can badly underestimate the true KL
         (PPO-KFAC on CartPole: an update of KL 0.85 under kl_clip 0.01, then a collapse).
-        With ``target_schedule="constant"`` the target stays ``target_kl``: λ then falls as the
-        learning rate does, which some tasks need late in training (PPO-KFAC on LunarLander
-        reached 200 on 3 of 5 tuning seeds with the scaled target, 5 of 5 with a constant one)."""
+        With ``"constant"`` (the default) the target stays ``target_kl``: λ then falls as the
+        learning rate does, which the configs tuned with it need late in training (PPO-KFAC on
+        LunarLander reached 200 on 3 of 5 tuning seeds with the scaled target, 5 of 5 with the
+        constant one)."""
         if math.isnan(kl) or kl < 0 or not lr_fraction > 0:  # keep λ
             return damping
         if self.target_schedule == "constant":

@@ -67,7 +67,12 @@ def test_acktr_policy_loss_normalises_advantages_only_when_asked(normalize_advan
 
 def test_kl_damping_is_monotone_bounded_and_moves_toward_the_target():
     ctl = KLDampingController(
-        target_kl=0.01, rate=0.5, max_factor=2.0, damping_min=1e-3, damping_max=0.1
+        target_kl=0.01,
+        rate=0.5,
+        max_factor=2.0,
+        damping_min=1e-3,
+        damping_max=0.1,
+        target_schedule="lr_squared",
     )
     kls = np.logspace(-6, 1, 200)
     out = [ctl.update(0.01, float(k)) for k in kls]
@@ -85,7 +90,7 @@ def test_kl_damping_is_monotone_bounded_and_moves_toward_the_target():
     assert ctl.update(0.01, 0.0025, lr_fraction=0.5) == pytest.approx(0.01)
     assert ctl.update(0.01, 0.01, lr_fraction=0.5) == pytest.approx(0.02)
     assert ctl.update(0.01, 0.0, lr_fraction=0.0) == 0.01  # the last step at lr 0: keep λ
-    constant = KLDampingController(target_kl=0.01, target_schedule="constant")
+    constant = KLDampingController(target_kl=0.01)  # the default: a fixed target
     assert constant.update(0.01, 0.0025, lr_fraction=0.5) == pytest.approx(0.005)
     with pytest.raises(ValueError, match="target_schedule must be one of"):
         KLDampingController(target_schedule="lr")  # type: ignore[arg-type]
@@ -97,7 +102,9 @@ def test_kl_damping_does_not_undo_a_decaying_learning_rate():
     from rl_kfac import KFAC
     from rl_kfac.actor_critic import adapt_damping_to_kl
 
-    ctl = KLDampingController(target_kl=0.003, damping_min=1e-4, damping_max=1.0)
+    ctl = KLDampingController(
+        target_kl=0.003, damping_min=1e-4, damping_max=1.0, target_schedule="lr_squared"
+    )
     opt = KFAC(torch.nn.Linear(2, 2), lr=0.25, damping=0.05)
     for progress in np.linspace(0, 0.99, 300):
         opt.param_groups[0]["lr"] = 0.25 * (1 - progress)
@@ -155,7 +162,7 @@ def test_the_target_schedule_reaches_the_agent_and_the_sb3_settings():
         policy = ActorCritic(box, gym.spaces.Discrete(4), cfg.policy_spec())
         assert PPOKFAC(policy, cfg).kl_damping.target_schedule == schedule
         options = sb3_arguments(cfg).get("damping_kwargs", {})
-        assert options.get("target_schedule", "lr_squared") == schedule
+        assert options.get("target_schedule", "constant") == schedule
 
 
 @pytest.mark.slow
