@@ -25,6 +25,8 @@ def test_readme_tables_match_the_committed_results_and_configs():
         "README results differ from bench_results/: run `python scripts/benchmark.py --report`"
     )
     assert report.block(readme, report.CONFIGS) == report.render_configs(ROOT / "configs")
+    experiments = report.render_experiments(ROOT / "bench_results" / "experiments")
+    assert report.block(readme, report.EXPERIMENTS) == experiments
 
 
 def test_every_shipped_config_states_whether_it_was_tuned():
@@ -253,3 +255,20 @@ def test_a_suite_run_is_recorded_and_not_repeated(tmp_path):
     old = tmp_path / "work" / "classic" / "CartPole-v1" / "acktr_s0_640.rerun-1"
     assert (old / "result.json").exists()  # the first run's directory, kept
     assert len(SuiteResults(tmp_path / "out", "classic").rows()) == 1
+
+
+def test_an_experiment_is_reported_next_to_the_shipped_rows(tmp_path):
+    _write_runs(
+        tmp_path, [("ppo_kfac", s, "60000", 500.0) for s in range(3)], "CartPole-v1", 100_000
+    )
+    exp = tmp_path / "experiments" / "no_damping"
+    (exp).mkdir(parents=True)
+    (exp / "variant.json").write_text(
+        json.dumps({"set": ["damping_adaptation=none"], "speed": False, "timesteps": None})
+    )
+    _write_runs(exp, [("ppo_kfac", s, "", 300.0) for s in range(3)], "CartPole-v1", 100_000)
+    text = report.render_experiments(tmp_path / "experiments").splitlines()
+    assert text[0] == "**no_damping**: damping_adaptation=none (`classic` suite)"
+    rows = [line for line in text if line.startswith("| CartPole")]
+    assert "PPO-KFAC (rl-kfac): no_damping | 0-2 (tuning) | 0 of 3 |" in rows[0]
+    assert "PPO-KFAC (rl-kfac): shipped | 0-2 (tuning) | 3 of 3 |" in rows[1]
