@@ -81,10 +81,11 @@ class KLDampingController:
     def update(self, damping: float, kl: float, lr_fraction: float = 1.0) -> float:
         """The new λ after an update of measured ``kl`` taken at ``lr_fraction`` of the initial
         learning rate. With ``"lr_squared"`` the target is ``target_kl · lr_fraction²``, since
-        an update's KL scales with the square of its step. A fixed target under a decaying learning rate would lower
-        λ to make up for the smaller steps, undoing the schedule; once λ is small the damped
-        quadratic model, and with it the trust region, can badly underestimate the true KL
-        (PPO-KFAC on CartPole: an update of KL 0.85 under kl_clip 0.01, then a collapse).
+        an update's KL scales with the square of its step. A fixed target under a decaying
+        learning rate would lower λ to make up for the smaller steps, undoing the schedule;
+        once λ is small the damped quadratic model, and with it the trust region, can badly
+        underestimate the true KL (PPO-KFAC on CartPole: an update of KL 0.85 under kl_clip
+        0.01, then a collapse).
         With ``"constant"`` (the default) the target stays ``target_kl``: λ then falls as the
         learning rate does, which the configs tuned with it need late in training (PPO-KFAC on
         LunarLander reached 200 on 3 of 5 tuning seeds with the scaled target, 5 of 5 with the
