@@ -32,7 +32,7 @@ from typing import Any
 
 from agents.bench.report import write_readme
 from agents.bench.results import SuiteResults, run_row
-from agents.bench.runs import aside, episodes, run, zoo_settings
+from agents.bench.runs import RunSpec, aside, episodes, run, zoo_settings
 from agents.bench.suites import ALGOS, OURS, SB3_KFAC, SUITES, find_task
 from agents.cli import add_override_argument
 
@@ -111,13 +111,6 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
-def job(spec: tuple[str, str, int, int, str, tuple[str, ...], int, bool]) -> dict[str, Any]:
-    algo, env, seed, steps, directory, overrides, interval, speed = spec
-    _, task = find_task(env)
-    summary = run(algo, task, seed, steps, Path(directory), overrides, interval, speed)
-    return summary
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="classic")
@@ -173,14 +166,18 @@ def main() -> int:
             if Path(where).exists():
                 Path(where).rename(aside(Path(where), "rerun"))
     overrides = tuple(args.overrides)
-    specs = [(*t, overrides, args.checkpoint_interval, args.speed) for t in todo]
+    specs = [
+        RunSpec(a, find_task(e)[1], s, n, Path(d), overrides, args.checkpoint_interval, args.speed)
+        for a, e, s, n, d in todo
+    ]
     failed = 0
     finished: list[dict[str, Any]] = []
     context = mp.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
         futures = {pool.submit(_safe_job, spec): spec for spec in specs}
         for future in as_completed(futures):  # recorded as each finishes, in any order
-            algo, env, seed, steps, where = futures[future][:5]
+            spec = futures[future]
+            algo, env, seed, steps = spec.algo, spec.task.env, spec.seed, spec.timesteps
             try:
                 outcome = future.result()
             except BrokenProcessPool:  # a worker was killed: what finished is recorded
@@ -192,7 +189,7 @@ def main() -> int:
                 print(f"FAILED {algo} {env} seed {seed}:\n{outcome}", file=sys.stderr)
                 continue
             _, task = find_task(env)
-            eps = episodes(Path(where))
+            eps = episodes(spec.run_dir)
             row = run_row((algo, env, seed, steps), eps, task.threshold, outcome)
             results.add(row, eps)
             results.plot(env, task.threshold)
@@ -208,10 +205,10 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def _safe_job(spec: tuple[Any, ...]) -> dict[str, Any] | str:
+def _safe_job(spec: RunSpec) -> dict[str, Any] | str:
     """The run's summary, or its traceback (one failed run does not stop the others)."""
     try:
-        return job(spec)
+        return run(spec)
     except Exception:
         return traceback.format_exc()
 

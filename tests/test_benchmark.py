@@ -13,7 +13,7 @@ import yaml
 
 from agents.bench import report
 from agents.bench.results import SuiteResults, first_to_threshold, low_after_threshold, run_row
-from agents.bench.runs import run, zoo_settings
+from agents.bench.runs import RunSpec, run, zoo_settings
 from agents.bench.suites import ALGOS, OURS, REFERENCE, SUITES, TUNED_ON, find_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,10 +160,10 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, algo):
     a directory without one is moved aside, not written over."""
     _, task = find_task("CartPole-v1")
     directory = tmp_path / "run"
-    first = run(algo, task, 0, 1280, directory, checkpoint_interval=640)
+    first = run(RunSpec(algo, task, 0, 1280, directory, checkpoint_interval=640))
     assert first["timesteps"] == 1280
     before = _rows(directory / "episodes.csv")
-    second = run(algo, task, 0, 2560, directory, checkpoint_interval=640)
+    second = run(RunSpec(algo, task, 0, 2560, directory, checkpoint_interval=640))
     assert second["timesteps"] == 2560
     assert second["wall_time_total_s"] > first["wall_time_total_s"]
     after = _rows(directory / "episodes.csv")
@@ -177,13 +177,13 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, algo):
 
     if algo in OURS:  # stopped after its last checkpoint, before writing result.json
         (directory / "result.json").unlink()
-        again = run(algo, task, 0, 2560, directory, checkpoint_interval=640)
+        again = run(RunSpec(algo, task, 0, 2560, directory, checkpoint_interval=640))
         assert again["timesteps"] == 2560 and again["commit"] == second["commit"]
 
     stale = tmp_path / "stale"
     stale.mkdir()
     (stale / "notes.txt").write_text("mine")
-    run(algo, task, 0, 640, stale, checkpoint_interval=640)
+    run(RunSpec(algo, task, 0, 640, stale, checkpoint_interval=640))
     assert (tmp_path / "stale.interrupted-1" / "notes.txt").read_text() == "mine"
     assert (stale / "result.json").exists()
 

@@ -226,7 +226,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def trainer_worker(rank: int, port: int, out: str, resume: bool) -> None:
+def _rank_environment(rank: int, port: int) -> None:
+    """What torchrun sets for a rank, and one torch thread."""
     os.environ.update(
         WORLD_SIZE=str(WORLD),
         RANK=str(rank),
@@ -235,6 +236,18 @@ def trainer_worker(rank: int, port: int, out: str, resume: bool) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+
+
+def _save_rank(trainer, path: Path) -> None:
+    """A rank's parameters, optimizer state and steps, then leave the process group."""
+    state = trainer.algo.optimizer.state_dict()["state"]
+    params = list(trainer.policy.parameters())
+    torch.save({"params": params, "state": state, "steps": trainer.timesteps}, path)
+    shutdown()
+
+
+def trainer_worker(rank: int, port: int, out: str, resume: bool) -> None:
+    _rank_environment(rank, port)
     from agents.config import load_config
     from agents.trainer import Trainer, trainer_from_checkpoint
 
@@ -245,24 +258,12 @@ def trainer_worker(rank: int, port: int, out: str, resume: bool) -> None:
         overrides = ["total_timesteps=3200", "n_envs=4", "log_interval=1", "normalize_obs=true"]
         trainer = Trainer(load_config(ROOT / "configs/acktr/cartpole.yaml", overrides), run)
     trainer.train()
-    state = trainer.algo.optimizer.state_dict()["state"]
-    torch.save(
-        {"params": list(trainer.policy.parameters()), "state": state, "steps": trainer.timesteps},
-        Path(out) / f"{rank}.pt",
-    )
-    shutdown()
+    _save_rank(trainer, Path(out) / f"{rank}.pt")
 
 
 def recurrent_worker(rank: int, port: int, out: str) -> None:
     """Two ranks training recurrent PPO-KFAC: sequences, states and the LSTM's statistics."""
-    os.environ.update(
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    _rank_environment(rank, port)
     from agents.config import load_config
     from agents.trainer import Trainer
 
@@ -270,12 +271,7 @@ def recurrent_worker(rank: int, port: int, out: str) -> None:
     cfg = load_config(ROOT / "configs/ppo_kfac/cartpole_novel.yaml", overrides)
     trainer = Trainer(cfg, Path(out) / "run")
     trainer.train()
-    state = trainer.algo.optimizer.state_dict()["state"]
-    torch.save(
-        {"params": list(trainer.policy.parameters()), "state": state, "steps": trainer.timesteps},
-        Path(out) / f"{rank}.pt",
-    )
-    shutdown()
+    _save_rank(trainer, Path(out) / f"{rank}.pt")
 
 
 def rank_results(out: Path) -> list[dict]:

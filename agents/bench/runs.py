@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +23,36 @@ from agents.bench.suites import OURS, ZOO_FILES, Task
 from agents.episode_log import EpisodeLog, read_episodes
 
 
-def run(
-    algo: str,
-    task: Task,
-    seed: int,
-    timesteps: int,
-    run_dir: Path,
-    overrides: tuple[str, ...] = (),
-    checkpoint_interval: int = 100_000,
-    speed: bool = False,
-) -> dict[str, Any]:
-    """Train (or finish) one run; its ``result.json`` as a dict. ``speed``: SB3 runs take the
-    batch shape (``n_envs × n_steps``) of our config for the task, for wall-time comparisons."""
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: algorithm, task, seed and budget, its directory, and how it is made.
+
+    ``overrides``: ``--set`` values for our configs (``acktr``, ``ppo_kfac``, ``sb3_*``);
+    ``speed``: SB3 runs take the batch shape (``n_envs × n_steps``) of our config for the task,
+    for wall-time comparisons."""
+
+    algo: str
+    task: Task
+    seed: int
+    timesteps: int
+    run_dir: Path
+    overrides: tuple[str, ...] = ()
+    checkpoint_interval: int = 100_000
+    speed: bool = False
+
+
+def run(spec: RunSpec) -> dict[str, Any]:
+    """Train (or finish) one run; its ``result.json`` as a dict."""
     import torch
 
     torch.set_num_threads(1)
+    run_dir = spec.run_dir
     done = run_dir / "result.json"
-    if not (done.exists() and json.loads(done.read_text())["timesteps"] >= timesteps):
-        checkpoint = run_dir / ("last.pt" if algo in OURS else "progress.json")
+    if not (done.exists() and json.loads(done.read_text())["timesteps"] >= spec.timesteps):
+        checkpoint = run_dir / ("last.pt" if spec.algo in OURS else "progress.json")
         if run_dir.exists() and any(run_dir.iterdir()) and not checkpoint.exists():
             run_dir.rename(aside(run_dir, "interrupted"))
-        if algo in OURS:
-            _train_ours(algo, task, seed, timesteps, run_dir, overrides, checkpoint_interval)
-        else:
-            _train_sb3(algo, task, seed, timesteps, run_dir, overrides, checkpoint_interval, speed)
+        (_train_ours if spec.algo in OURS else _train_sb3)(spec)
     return json.loads(done.read_text())
 
 
@@ -57,19 +64,12 @@ def aside(directory: Path, why: str) -> Path:
     return directory.with_name(f"{directory.name}.{why}-{n}")
 
 
-def _train_ours(
-    algo: str,
-    task: Task,
-    seed: int,
-    timesteps: int,
-    run_dir: Path,
-    overrides: tuple[str, ...],
-    checkpoint_interval: int,
-) -> None:
+def _train_ours(spec: RunSpec) -> None:
     from agents.checkpoint import load_checkpoint
     from agents.config import load_config
     from agents.trainer import Trainer, trainer_from_checkpoint
 
+    run_dir, timesteps = spec.run_dir, spec.timesteps
     if (run_dir / "last.pt").exists():
         payload = load_checkpoint(run_dir / "last.pt")
         if int(payload["timesteps"]) >= timesteps:  # stopped after its last save: it is done
@@ -77,10 +77,10 @@ def _train_ours(
             return
         trainer = trainer_from_checkpoint(run_dir / "last.pt", {"total_timesteps": timesteps})
     else:
-        settings = [f"checkpoint_interval={checkpoint_interval}", *overrides]
+        settings = [f"checkpoint_interval={spec.checkpoint_interval}", *spec.overrides]
         cfg = load_config(
-            task.config_path(algo),
-            [*settings, f"seed={seed}", f"total_timesteps={timesteps}", "threads=1"],
+            spec.task.config_path(spec.algo),
+            [*settings, f"seed={spec.seed}", f"total_timesteps={timesteps}", "threads=1"],
         )
         trainer = Trainer(cfg, run_dir, progress=False)
     trainer.train()
@@ -180,16 +180,7 @@ def make_sb3_env(task: Task, settings: dict[str, Any], seed: int) -> Any:
     return envs
 
 
-def _train_sb3(
-    algo: str,
-    task: Task,
-    seed: int,
-    timesteps: int,
-    run_dir: Path,
-    overrides: tuple[str, ...],
-    checkpoint_interval: int,
-    speed: bool,
-) -> None:
+def _train_sb3(spec: RunSpec) -> None:
     from sb3_contrib import RecurrentPPO
     from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
@@ -204,9 +195,10 @@ def _train_sb3(
         "sb3_ppo_kfac": PPOKFAC,
         "recurrent_ppo": RecurrentPPO,
     }
+    algo, task, seed, run_dir = spec.algo, spec.task, spec.seed, spec.run_dir
     cls = classes[algo]
-    settings = zoo_settings(algo, task, overrides)
-    if speed:
+    settings = zoo_settings(algo, task, spec.overrides)
+    if spec.speed:
         from agents.config import load_config
 
         cfg = load_config(task.config_path(algo))
@@ -225,9 +217,9 @@ def _train_sb3(
             envs = _load_normalization(envs, run_dir / state["vecnormalize"])
         model = cls.load(run_dir / state["model"], env=envs, device="auto")
         model.set_random_seed(seed + done)  # load() re-seeds with the run's seed: new streams
-    callback = Checkpoints(run_dir, checkpoint_interval, state)
+    callback = Checkpoints(run_dir, spec.checkpoint_interval, state)
     model.learn(
-        timesteps - model.num_timesteps, callback=callback, reset_num_timesteps=state is None
+        spec.timesteps - model.num_timesteps, callback=callback, reset_num_timesteps=state is None
     )
     callback.save(model)
     summary = {
