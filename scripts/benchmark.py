@@ -13,7 +13,8 @@ and its environment's curves are redrawn (``<env>.png``).
     python scripts/benchmark.py --report          # README tables from the committed results
     python scripts/benchmark.py --ingest runs/pong_acktr_s0     # a finished scripts/train.py run
 
-Experiments (``--set`` overrides of our configs, ``--speed``) must name their own ``--out``.
+Experiments (``--set`` overrides of our configs, ``--speed``, ``--timesteps``) must name their own
+``--out`` (``bench_results/experiments/<name>``: the README shows them beside the shipped rows).
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def variant(args: argparse.Namespace) -> dict[str, Any]:
     return {"set": list(args.overrides), "speed": args.speed, "timesteps": args.timesteps}
 
 
+def _default_out(out: str) -> bool:
+    """Whether ``out`` is the committed results root (however it is written)."""
+    return Path(out).resolve() == Path(DEFAULT_OUT).resolve()
+
+
 def check_arguments(args: argparse.Namespace) -> str | None:
     """The first problem with a run request, before anything is written; ``None`` if none."""
     tasks = SUITES[args.suite]
@@ -94,7 +100,7 @@ def check_arguments(args: argparse.Namespace) -> str | None:
         return "--workers and --checkpoint-interval must be >= 1"
     if args.timesteps is not None and args.timesteps < 1:
         return f"--timesteps must be >= 1, got {args.timesteps}"
-    default = Path(args.out).resolve() == Path(DEFAULT_OUT).resolve()
+    default = _default_out(args.out)
     if default and (args.overrides or args.speed or args.timesteps):
         return "--set, --speed and --timesteps runs are experiments: give them their own --out"
     if args.overrides and algos and not set(algos) & set(OURS + SB3_KFAC):
@@ -158,7 +164,7 @@ def main() -> int:
     if args.list or not todo:
         print(f"{len(todo)} runs to do in suite {args.suite}")
         return 0
-    if args.out != DEFAULT_OUT:
+    if not _default_out(args.out):
         (Path(args.out) / "variant.json").parent.mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "variant.json").write_text(json.dumps(variant(args)))
     if args.rerun:  # a finished run's directory is kept, moved aside: the run starts afresh
