@@ -35,14 +35,22 @@ def record_fisher(
     policy_loss: Callable[[], Tensor],
     values: Tensor,
     vf_fisher_coef: float,
+    rows: Tensor | None = None,
 ) -> None:
     """Record K-FAC statistics from the actor-critic Fisher loss, if they are due.
 
     ``policy_loss`` builds the policy's sampled-Fisher loss (e.g. ``dist.fisher_loss``); it is
-    called, and actions sampled, only when the optimizer records statistics at this step.
+    called, and actions sampled, only when the optimizer records statistics at this step. With
+    ``rows`` (a boolean mask; ``policy_loss`` covers those rows only) only those rows have loss
+    terms, still averaged over all rows (the padding of recurrent minibatches).
     """
-    if optimizer.statistics_due:
+    if not optimizer.statistics_due or (rows is not None and not bool(rows.any())):
+        return
+    if rows is None:
         optimizer.fisher_backward(actor_critic_fisher_loss(policy_loss(), values, vf_fisher_coef))
+        return
+    loss = actor_critic_fisher_loss(policy_loss(), values[rows], vf_fisher_coef)
+    optimizer.fisher_backward(rows.float().mean() * loss)
 
 
 def adapt_damping_to_kl(

@@ -74,8 +74,8 @@ class _RecurrentHook:
     """While statistics are due, replaces a recurrent layer's output by its step-by-step rerun
     (:mod:`rl_kfac.recurrent`), whose probes record the per-step gate gradients."""
 
-    def __init__(self, capture: StatisticsCapture, module: nn.Module) -> None:
-        self.capture, self.module = capture, module
+    def __init__(self, capture: StatisticsCapture) -> None:
+        self.capture = capture
 
     def __call__(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -137,7 +137,7 @@ class StatisticsCapture:
         self.empirical = empirical
         self.blocks: dict[nn.Module, Block] = {}
         # recurrent layers: their blocks by key ("ih_l0", "hh_l0", ...)
-        self.recurrent: dict[nn.Module, dict[str, Block]] = {}
+        self.recurrent: dict[nn.Module, dict[str, RecurrentBlock]] = {}
         self._recurrent_calls = 0  # forward calls of recurrent layers rerun so far
         self.unsupported: list[str] = []
         self._wanted_params: list[Tensor] = []  # parameters whose owning layer is still unknown
@@ -241,12 +241,12 @@ class StatisticsCapture:
                 if trainable(p) and id(p) not in covered]  # fmt: skip
         if left:  # e.g. a trainable bias of a frozen weight
             self.unsupported.append(f"{name}: {', '.join(left)} belong to no K-FAC block")
-        self.recurrent[module] = {b.key: b for b in blocks if isinstance(b, RecurrentBlock)}
+        self.recurrent[module] = {b.key: b for b in blocks}
         if not blocks:  # known, so that discovery does not add it again
             return
         for p in module.parameters(recurse=False):
             self.wanted.discard(id(p))
-        hook = _RecurrentHook(self, module)
+        hook = _RecurrentHook(self)
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def add_module(self, module: nn.Module, name: str) -> _ForwardHook | None:

@@ -48,9 +48,9 @@ class KFAC(Optimizer):
 
     Args:
         model_or_params: an ``nn.Module`` (its ``nn.Linear``/``nn.Conv2d`` and recurrent layers
-            are found now),
-            or an iterable of parameters / parameter groups as for any torch optimizer (the layers
-            owning them are found on the first forward pass; Stable-Baselines3 passes these).
+            are found now), or an iterable of parameters / parameter groups as for any torch
+            optimizer (the layers owning them are found on the first forward pass;
+            Stable-Baselines3 passes these).
         lr: learning rate η (per group).
         momentum: momentum ``m`` applied after the clip, in the exponential-average form of
             ACKTR's reference code: ``buf ← m·buf + ν v``, ``θ ← θ − lr (1−m) buf``, so momentum

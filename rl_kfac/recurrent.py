@@ -32,21 +32,23 @@ the rerun computes in the input's dtype, not the fused kernel's lower precision.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from rl_kfac.blocks import Block
+from rl_kfac.blocks import Block, LinearBlock
 
 RecurrentApprox = Literal["expand", "reduce"]
 RECURRENT_LAYERS = (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell)
 Probe = Callable[[Block, Tensor, Tensor], None]  # (block, inputs, probe tensor)
 
 
-class RecurrentBlock(Block):
-    """One shared weight of a recurrent layer; records hold ``(N, T, ·)`` inputs and gradients."""
+class RecurrentBlock(LinearBlock):
+    """One shared weight of a recurrent layer; records hold ``(N, T, ·)`` inputs and gradients.
+    ``expand`` makes rows as a Linear layer does of its leading dims, with ``M = N·T`` as the
+    gradient scale."""
 
     def __init__(
         self,
@@ -63,25 +65,23 @@ class RecurrentBlock(Block):
     def input_rows(self, a: Tensor) -> tuple[Tensor, float]:
         if self.approx == "reduce":
             return self._with_bias(a.mean(dim=1)), 1.0 / a.shape[0]
-        x = self._with_bias(a.reshape(-1, self.dim_in))
-        return x, 1.0 / x.shape[0]
+        return super().input_rows(a)
 
     def grad_rows(self, g: Tensor) -> tuple[Tensor, float]:
         if self.approx == "reduce":
             return g.sum(dim=1), self.grad_scale(g)
-        return g.reshape(-1, self.dim_g), self.grad_scale(g)
+        return super().grad_rows(g)
 
     def grad_scale(self, g: Tensor) -> float:
         return float(g.shape[0] * g.shape[1])  # M = N·T loss terms
 
     def row_count(self, g: Tensor) -> int:
-        return g.shape[0] * (g.shape[1] if self.approx == "expand" else 1)
+        return g.shape[0] if self.approx == "reduce" else super().row_count(g)
 
     def rows_at(self, a: Tensor, g: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         if self.approx == "reduce":
             return self._with_bias(a[index].mean(dim=1)), g[index].sum(dim=1)
-        x = self._with_bias(a.reshape(-1, self.dim_in)[index])
-        return x, g.reshape(-1, self.dim_g)[index]
+        return super().rows_at(a, g, index)
 
 
 def check_recurrent(module: nn.Module, name: str) -> None:
@@ -95,8 +95,6 @@ def check_recurrent(module: nn.Module, name: str) -> None:
         )
     if getattr(module, "proj_size", 0):
         raise ValueError(f"{name}: {kind} with proj_size > 0 has no K-FAC block here")
-    if getattr(module, "nonlinearity", "tanh") not in ("tanh", "relu"):
-        raise ValueError(f"{name}: {kind} nonlinearity {module.nonlinearity!r} is not supported")
     if getattr(module, "dropout", 0.0) and getattr(module, "num_layers", 1) > 1:
         raise ValueError(
             f"{name}: {kind} with dropout between layers has no K-FAC block here (its dropout "
@@ -131,7 +129,7 @@ def _suffixes(module: nn.Module) -> list[str]:
 
 def unrolled_forward(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], probe: Probe,
-    blocks: dict[str, Block],
+    blocks: Mapping[str, Block],
 ) -> Any:  # fmt: skip
     """``module(*args, **kwargs)`` computed step by step, calling ``probe(block, inputs, p)``
     for each block's zero probe ``p`` (``(N, T, gates·H)``, added to its pre-activations) and
@@ -181,7 +179,7 @@ def _run(
     h: Tensor,
     c: Tensor | None,
     probe: Probe,
-    blocks: dict[str, Block],
+    blocks: Mapping[str, Block],
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer and direction over ``x`` ``(N, T, in)``: outputs ``(N, T, H)``, last h, c."""
     w_ih, w_hh = getattr(module, f"weight_ih{suffix}"), getattr(module, f"weight_hh{suffix}")
@@ -219,8 +217,15 @@ def _one_sample(x: Tensor, hx: Any, x_dim: int, h_dim: int) -> tuple[Tensor, Any
     return x.unsqueeze(x_dim), hx
 
 
+def _state(hx: Any, is_lstm: bool, zeros: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(h, c)`` from a call's state argument (``c`` None but for an LSTM); ``zeros`` if none."""
+    if hx is None:
+        return zeros, zeros if is_lstm else None
+    return hx if is_lstm else (hx, None)
+
+
 def _sequence_forward(
-    module: nn.RNNBase, x: Tensor, hx: Any, probe: Probe, blocks: dict[str, Block]
+    module: nn.RNNBase, x: Tensor, hx: Any, probe: Probe, blocks: Mapping[str, Block]
 ) -> Any:
     is_lstm = isinstance(module, nn.LSTM)
     unbatched = x.dim() == 2
@@ -228,10 +233,7 @@ def _sequence_forward(
         x, hx = _one_sample(x, hx, 0 if module.batch_first else 1, 1)
     seq = x if module.batch_first else x.transpose(0, 1)  # (N, T, in)
     n, dirs, size = seq.shape[0], 2 if module.bidirectional else 1, module.hidden_size
-    if hx is None:
-        zeros = seq.new_zeros(module.num_layers * dirs, n, size)
-        hx = (zeros, zeros) if is_lstm else zeros
-    h0, c0 = hx if is_lstm else (hx, None)
+    h0, c0 = _state(hx, is_lstm, seq.new_zeros(module.num_layers * dirs, n, size))
     last_h, last_c = [], []
     for layer in range(module.num_layers):
         outs = []
@@ -256,16 +258,13 @@ def _sequence_forward(
 
 
 def _cell_forward(
-    module: nn.RNNCellBase, x: Tensor, hx: Any, probe: Probe, blocks: dict[str, Block]
+    module: nn.RNNCellBase, x: Tensor, hx: Any, probe: Probe, blocks: Mapping[str, Block]
 ) -> Any:
     is_lstm = isinstance(module, nn.LSTMCell)
     unbatched = x.dim() == 1
     if unbatched:
         x, hx = _one_sample(x, hx, 0, 0)
-    if hx is None:
-        zeros = x.new_zeros(x.shape[0], module.hidden_size)
-        hx = (zeros, zeros) if is_lstm else zeros
-    h, c = hx if is_lstm else (hx, None)
+    h, c = _state(hx, is_lstm, x.new_zeros(x.shape[0], module.hidden_size))
     _, h, c = _run(module, "", x.unsqueeze(1), h, c, probe, blocks)
     if unbatched:
         h = h.squeeze(0)

@@ -27,7 +27,7 @@ from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import Schedule
 from torch import Tensor
 
-from rl_kfac.actor_critic import actor_critic_fisher_loss, record_fisher
+from rl_kfac.actor_critic import record_fisher
 from rl_kfac.fisher import bernoulli_fisher_loss, categorical_fisher_loss, gaussian_fisher_loss
 from rl_kfac.optimizer import KFAC
 
@@ -131,17 +131,9 @@ class KFACPolicySetup:
         ``distribution`` plus the value head's Gauss-Newton term (not under ``no_grad``: an
         evaluation records nothing). With ``rows`` (a boolean mask) only those rows have loss
         terms, still averaged over all rows (padding of recurrent minibatches)."""
-        if not torch.is_grad_enabled():
-            return
-        if rows is None:
-            fisher = functools.partial(policy_fisher_loss, distribution)
-            record_fisher(self.kfac, fisher, values, self.vf_fisher_coef)
-        elif self.kfac.statistics_due and bool(rows.any()):
-            share = rows.float().mean()
-            loss = actor_critic_fisher_loss(
-                policy_fisher_loss(distribution, rows), values[rows], self.vf_fisher_coef
-            )
-            self.kfac.fisher_backward(share * loss)
+        if torch.is_grad_enabled():
+            fisher = functools.partial(policy_fisher_loss, distribution, rows)
+            record_fisher(self.kfac, fisher, values, self.vf_fisher_coef, rows)
 
 
 class KFACActorCriticPolicy(KFACPolicySetup, ActorCriticPolicy):
