@@ -43,21 +43,10 @@ def minibatches(batch: Batch, size: int) -> list[Batch]:
     recurrent policy whole environment sequences (``size // T`` of them, at least one)."""
     device = batch.obs.device
     if batch.starts is None:
-        return [_rows(batch, idx) for idx in torch.randperm(len(batch), device=device).split(size)]
+        return [batch.rows(idx) for idx in torch.randperm(len(batch), device=device).split(size)]
     steps, n = batch.starts.shape
     envs = torch.randperm(n, device=device).split(max(1, size // steps))
     return [batch.columns(idx) for idx in envs]
-
-
-def _rows(batch: Batch, idx: Tensor) -> Batch:
-    return Batch(
-        batch.obs[idx],
-        batch.actions[idx],
-        batch.log_probs[idx],
-        batch.values[idx],
-        batch.advantages[idx],
-        batch.returns[idx],
-    )
 
 
 class PPOKFAC(KFACAlgorithm):

@@ -1,8 +1,9 @@
 """Rollout collection into storage preallocated on the device, and GAE(λ) / n-step returns.
 
-Per environment step exactly one host→device copy happens (the next observations); rewards and
-episode ends stay on the host until the rollout is complete and move in one copy. The only
-device→host copy is the actions the environments need.
+Per environment step exactly one host→device copy happens (the next observations; a recurrent
+policy also needs the episode-start flags); rewards and episode ends stay on the host until the
+rollout is complete and move in one copy. The only device→host copy is the actions the
+environments need.
 
 Time limits: when an episode is *truncated* (not terminated), its last reward is bootstrapped
 with ``γ V(final observation)`` and the return does not run into the next episode; a terminated
@@ -11,8 +12,10 @@ episode is not bootstrapped (Pardo et al. 2018, "Time Limits in Reinforcement Le
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,24 +77,25 @@ class Batch:
     def __len__(self) -> int:
         return self.obs.shape[0]
 
+    def rows(self, index: Tensor) -> Batch:
+        """The samples ``index`` (a feed-forward policy's minibatch)."""
+        return self._select(lambda x: x[index])
+
     def columns(self, envs: Tensor) -> Batch:
         """The whole sequences of environments ``envs`` (a recurrent policy's minibatch)."""
         assert self.starts is not None and self.states is not None
         steps, n = self.starts.shape
-
-        def pick(x: Tensor) -> Tensor:
-            return x.reshape(steps, n, *x.shape[1:])[:, envs].reshape(-1, *x.shape[1:])
-
-        return Batch(
-            pick(self.obs),
-            pick(self.actions),
-            pick(self.log_probs),
-            pick(self.values),
-            pick(self.advantages),
-            pick(self.returns),
-            self.starts[:, envs],
-            self.states[:, :, envs],
+        picked = self._select(
+            lambda x: x.reshape(steps, n, *x.shape[1:])[:, envs].reshape(-1, *x.shape[1:])
         )
+        return dataclasses.replace(
+            picked, starts=self.starts[:, envs], states=self.states[:, :, envs]
+        )
+
+    def _select(self, pick: Callable[[Tensor], Tensor]) -> Batch:
+        """This batch with ``pick`` applied to every per-sample field."""
+        fields = ("obs", "actions", "log_probs", "values", "advantages", "returns")
+        return dataclasses.replace(self, **{f: pick(getattr(self, f)) for f in fields})
 
 
 def evaluate(policy: ActorCritic, batch: Batch) -> tuple[Distribution, Tensor]:
@@ -164,7 +168,8 @@ class RolloutCollector:
         for t in range(self.n_steps):
             obs = self.next_obs
             self.obs[t] = obs
-            self.starts[t] = self.episode_start
+            if recurrent:
+                self.starts[t] = self.episode_start
             dist, value, state = self._act(obs)
             action = dist.sample()
             self.actions[t] = action
@@ -190,8 +195,9 @@ class RolloutCollector:
                     final_values = self.policy(final)[1]
                 self.bootstrap[t, index] = final_values
             self.next_obs = self._to_device(self.normalizer.observations(raw))
-            self.state = state
-            self.episode_start = torch.from_numpy(ends).to(self.device)
+            if recurrent:  # the episode-start flags: a second copy per step, for them only
+                self.state = state
+                self.episode_start = torch.from_numpy(ends).to(self.device)
         last_values = self._act(self.next_obs)[1]
         host = torch.from_numpy(np.stack([self.rewards, self.ends.astype(np.float32)]))
         rewards, ends = host.to(self.device).unbind(0)
@@ -207,7 +213,7 @@ class RolloutCollector:
             values=self.values.reshape(n),
             advantages=advantages.reshape(n),
             returns=returns.reshape(n),
-            starts=self.starts.clone() if recurrent else None,
+            starts=self.starts if recurrent else None,
             states=first_state if recurrent else None,
         )
 

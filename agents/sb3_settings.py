@@ -41,8 +41,8 @@ def sb3_arguments(cfg: Config) -> dict[str, Any]:
         raise ValueError("SB3's MLP policies have separate actor and critic networks")
     if cfg.recurrent != "none":
         raise ValueError(
-            f"recurrent {cfg.recurrent!r}: rl_kfac.sb3 has no recurrent class yet "
-            "(train recurrent configs with scripts/train.py)"
+            f"recurrent {cfg.recurrent!r}: these settings are not translated to "
+            "rl_kfac.sb3.RecurrentPPOKFAC (train recurrent configs with scripts/train.py)"
         )
     args: dict[str, Any] = {
         "learning_rate": f"lin_{cfg.lr:g}" if cfg.lr_schedule == "linear" else cfg.lr,
@@ -152,7 +152,7 @@ def zoo_hyperparams(algo: str, root: str | Path = "configs") -> str:
     entries = {}
     for path in sorted(Path(root, algo).glob("*.yaml")):
         cfg = load_config(path)
-        if cfg.recurrent == "none":  # recurrent configs have no rl_kfac.sb3 class yet
+        if cfg.recurrent == "none":  # recurrent configs are not translated to RecurrentPPOKFAC
             entries[cfg.env_id] = zoo_entry(cfg)
     cls = _sb3_class(algo).__name__
     return HEADER.format(cls=cls, algo=algo) + yaml.safe_dump(entries, sort_keys=False)

@@ -194,14 +194,10 @@ def main() -> int:
                 failed += 1
                 print(f"FAILED {algo} {env} seed {seed}:\n{outcome}", file=sys.stderr)
                 continue
-            _, task = find_task(env)
-            eps = episodes(spec.run_dir)
-            row = run_row((algo, env, seed, steps), eps, task.threshold, outcome)
-            results.add(row, eps)
-            results.plot(env, task.threshold)
+            row = record(results, (algo, env, seed, steps), spec.run_dir, outcome)
             finished.append(row)
             print(
-                f"done {algo} {env} seed {seed}: first to {task.threshold:g} "
+                f"done {algo} {env} seed {seed}: first to {spec.task.threshold:g} "
                 f"{row['first_to_threshold']}, final last-100 {row['final_last100']}, "
                 f"{row['wall_s']} s",
                 flush=True,
@@ -209,6 +205,18 @@ def main() -> int:
     summarize(finished)
     print(f"results: {results.runs_path}, {results.episodes_path}")
     return 1 if failed else 0
+
+
+def record(
+    results: SuiteResults, key: tuple[str, str, int, int], directory: Path, summary: dict[str, Any]
+) -> dict[str, Any]:
+    """Add the finished run in ``directory`` to ``results`` and redraw its env's curves."""
+    _, task = find_task(key[1])
+    eps = episodes(directory)
+    row = run_row(key, eps, task.threshold, summary)
+    results.add(row, eps)
+    results.plot(key[1], task.threshold)
+    return row
 
 
 def _safe_job(spec: RunSpec) -> dict[str, Any] | str:
@@ -267,15 +275,11 @@ def ingest(run_dirs: list[Path], root: Path, commit: str | None, device: str | N
             return 2
         loaded.append((directory, summary, cfg))
     for directory, summary, cfg in loaded:
-        suite, task = find_task(cfg["env_id"])
+        suite, _ = find_task(cfg["env_id"])
         summary["commit"] = commit or summary.get("commit", "unknown")
         summary["device"] = device or summary.get("device", "unknown")
         key = (cfg["algo"], cfg["env_id"], int(cfg["seed"]), int(cfg["total_timesteps"]))
-        eps = episodes(directory)
-        row = run_row(key, eps, task.threshold, summary)
-        results = SuiteResults(root, suite)
-        results.add(row, eps)
-        results.plot(cfg["env_id"], task.threshold)
+        row = record(SuiteResults(root, suite), key, directory, summary)
         print(f"{directory}: {suite}: {row}")
     return 0
 

@@ -27,12 +27,7 @@ RUN_COLUMNS = [
     "episodes",
     "wall_s",
     "update_share",
-    "threads",
-    "device",
-    "commit",
-    "torch",
-    "gymnasium",
-    "sb3",
+    *(PROVENANCE := ("threads", "device", "commit", "torch", "gymnasium", "sb3")),
 ]
 EPISODE_COLUMNS = ["algo", "env", "seed", "timestep", "return"]
 Key = tuple[str, str, int, int]  # algo, env, seed, timesteps
@@ -81,8 +76,7 @@ def run_row(
         "wall_s": round(wall, 1),
         # our trainer's update time covers the part of a resumed run since its last resume
         "update_share": None if update is None else round(update / part, 3) if part else None,
-        **{k: summary.get(k, "unknown") for k in ("threads", "device", "commit")},
-        **{k: summary.get(k, "unknown") for k in ("torch", "gymnasium", "sb3")},
+        **{k: summary.get(k, "unknown") for k in PROVENANCE},
     }
 
 
@@ -117,8 +111,9 @@ class SuiteResults:
         self.dir.mkdir(parents=True, exist_ok=True)
         key = _key(row)
         new_eps = [(row["algo"], row["env"], row["seed"], s, f"{r:.6g}") for s, r in episodes]
-        if key in self.finished():
-            rows = [r for r in self.rows() if _key(r) != key]
+        rows = self.rows()
+        if any(_key(r) == key for r in rows):
+            rows = [r for r in rows if _key(r) != key]
             ident = key[:3]
             kept = [e for e in self.episodes() if (e[0], e[1], e[2]) != ident]
             self._write(self.runs_path, RUN_COLUMNS, [[r.get(c, "") for c in RUN_COLUMNS]
