@@ -27,6 +27,7 @@ def test_readme_tables_match_the_committed_results_and_configs():
     assert report.block(readme, report.CONFIGS) == report.render_configs(ROOT / "configs")
     experiments = report.render_experiments(ROOT / "bench_results" / "experiments")
     assert report.block(readme, report.EXPERIMENTS) == experiments
+    assert report.block(readme, report.SPEED) == report.render_speed(ROOT / "bench_results/speed")
 
 
 def test_every_shipped_config_states_whether_it_was_tuned():
