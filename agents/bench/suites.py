@@ -156,7 +156,7 @@ TUNED_ON: dict[str, range | None] = {
     "ppo_kfac/lunarlander": range(5),
     "acktr/pendulum": range(1),
     "ppo_kfac/pendulum": None,
-    "acktr/halfcheetah": None,
+    "acktr/halfcheetah": range(3),
     "ppo_kfac/halfcheetah": range(3),
     "acktr/hopper": None,
     "ppo_kfac/hopper": None,
