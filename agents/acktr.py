@@ -7,7 +7,10 @@ One update, top to bottom:
 3. A2C loss = policy gradient − ent_coef · entropy + vf_coef · MSE(values, returns);
 4. one K-FAC step (precondition, trust-region clip ν, momentum);
 5. KL(π_old ‖ π_new) on the batch, for logging and KL-based damping (or the loss after the step,
-   for the Levenberg-Marquardt rule).
+   for the Levenberg-Marquardt rule);
+6. ``vf_steps`` more K-FAC steps on the value loss alone, into the parameters only the value
+   uses (the ACKTR paper fits its continuous-control critic with several K-FAC steps per batch,
+   Wu et al. 2017, sec. 5.2). The policy does not move: momentum must be 0.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class ACKTR(KFACAlgorithm):
             if self.lm_damping is not None and lr > 0:
                 actual = self.global_mean(self.a2c_loss(new_dist, new_values, batch)[0] - loss)
                 adapt_damping_lm(opt, self.lm_damping, actual, lr)
+        for _ in range(cfg.vf_steps if lr > 0 else 0):
+            values = evaluate(self.policy, batch)[1]
+            fitted = cfg.vf_coef * F.mse_loss(values, batch.returns)
+            self.step_on(fitted, lr, inputs=self.policy.value_parameters())
         return {
             "train/policy_loss": policy_loss.detach(),
             "train/value_loss": value_loss.detach(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from agents.config import Config
 from agents.networks import ActorCritic
@@ -92,10 +92,11 @@ class KFACAlgorithm:
             group["lr"] = lr
         return lr
 
-    def step_on(self, loss: Tensor, lr: float) -> None:
-        """Back-propagate ``loss``, average gradients over ranks, clip, take the K-FAC step."""
+    def step_on(self, loss: Tensor, lr: float, inputs: list[nn.Parameter] | None = None) -> None:
+        """Back-propagate ``loss`` (into ``inputs`` only, if given), average gradients over
+        ranks, clip, take the K-FAC step."""
         self.optimizer.zero_grad()
-        loss.backward()
+        loss.backward(inputs=inputs)
         allreduce_gradients(self.policy.parameters(), self.comm)
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)

@@ -62,6 +62,7 @@ class Config:
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     vf_fisher_coef: float = 1.0
+    vf_steps: int = 0  # ACKTR: K-FAC steps on the value loss alone after each update
     max_grad_norm: float | None = None
     # K-FAC
     lr: float = 0.25
@@ -202,6 +203,11 @@ class Config:
             raise ValueError(
                 "need damping_min <= damping_max, damping_max_factor > 1, lm_omega > 1"
             )
+        if self.vf_steps < 0:
+            raise ValueError(f"vf_steps must be >= 0, got {self.vf_steps}")
+        if self.vf_steps and (self.algo != "acktr" or self.momentum != 0):
+            # with momentum the policy would keep moving during the value-only steps
+            raise ValueError("vf_steps needs algo acktr with momentum 0")
         if self.damping_adaptation == "lm" and (self.momentum != 0 or self.algo != "acktr"):
             raise ValueError("damping_adaptation 'lm' needs algo acktr with momentum 0")
         for name in ("clip_range_vf", "target_kl"):

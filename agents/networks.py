@@ -227,6 +227,11 @@ class ActorCritic(nn.Module):
     def recurrent(self) -> bool:
         return self.rnn is not None
 
+    def value_parameters(self) -> list[nn.Parameter]:
+        """The parameters only the value depends on: the critic MLP and the value head (the
+        value head alone when the trunk is shared)."""
+        return [*self.critic.parameters(), *self.vf.parameters()]
+
     def forward(self, obs: Tensor) -> tuple[Distribution, Tensor]:
         """``(Distribution, value)`` of a feed-forward policy (a recurrent one: :meth:`step`)."""
         if self.rnn is not None:

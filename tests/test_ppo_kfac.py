@@ -183,3 +183,54 @@ def test_short_seeded_runs_improve_and_adapt_damping(tmp_path, config, overrides
     assert last > 3 * first and last > 100, (first, last)
     assert trainer.algo.optimizer.damping != cfg.damping  # the controller moved it
     assert cfg.damping_min <= trainer.algo.optimizer.damping <= cfg.damping_max
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True])
+def test_acktr_value_steps_fit_the_critic_and_leave_the_policy_alone(shared_trunk):
+    import copy
+
+    import gymnasium as gym
+    import torch.nn.functional as F
+
+    from agents.acktr import ACKTR
+    from agents.config import Config
+    from agents.networks import ActorCritic
+    from agents.rollout import Batch
+
+    torch.manual_seed(0)
+    spec = Config(shared_trunk=shared_trunk).policy_spec()
+    net = ActorCritic(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (2,)), spec)
+    obs, actions = torch.randn(64, 3), torch.randn(64, 2)
+    returns = 3 * obs[:, 0] - obs[:, 1] ** 2  # a target the critic can fit
+    batch = Batch(obs, actions, torch.zeros(64), torch.zeros(64), torch.randn(64), returns)
+    nets, fits = [], []
+    for vf_steps in (0, 5):
+        policy = copy.deepcopy(net)
+        cfg = Config(vf_steps=vf_steps, momentum=0.0, kl_clip=0.01, shared_trunk=shared_trunk)
+        torch.manual_seed(1)  # the same sampled Fisher actions in the joint step
+        ACKTR(policy, cfg.validate()).update(batch, progress=0.0)
+        nets.append(policy)
+        with torch.no_grad():
+            fits.append(float(F.mse_loss(policy(obs)[1], returns)))
+    plain, fitted = (dict(n.named_parameters()) for n in nets)
+    value_names = {n for n in plain if n.startswith(("critic.", "vf."))}
+    assert value_names and len(value_names) < len(plain)
+    for name in plain:
+        same = torch.equal(plain[name], fitted[name])
+        assert same == (name not in value_names), name  # only the critic moved further
+    assert fits[1] < 0.8 * fits[0], fits  # five more K-FAC steps on the value loss fit it better
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(vf_steps=-1), "vf_steps must be >= 0"),
+        (dict(vf_steps=2, momentum=0.9), "vf_steps needs algo acktr with momentum 0"),
+        (dict(vf_steps=2, momentum=0.0, algo="ppo_kfac"), "vf_steps needs algo acktr"),
+    ],
+)
+def test_value_steps_are_refused_where_the_policy_would_move(settings, message):
+    from agents.config import Config
+
+    with pytest.raises(ValueError, match=message):
+        Config(**settings).validate()
