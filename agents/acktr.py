@@ -9,8 +9,8 @@ One update, top to bottom:
 5. KL(π_old ‖ π_new) on the batch, for logging and KL-based damping (or the loss after the step,
    for the Levenberg-Marquardt rule);
 6. ``vf_steps`` more K-FAC steps on the value loss alone, into the parameters only the value
-   uses (the ACKTR paper fits its continuous-control critic with several K-FAC steps per batch,
-   Wu et al. 2017, sec. 5.2). The policy does not move: momentum must be 0.
+   uses (OpenAI baselines' continuous-control ACKTR, ``acktr_cont``, fits its separate critic
+   with many K-FAC steps per batch). The policy does not move: momentum must be 0.
 """
 
 from __future__ import annotations
