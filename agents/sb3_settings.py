@@ -37,6 +37,8 @@ def sb3_arguments(cfg: Config) -> dict[str, Any]:
     """Every SB3 class argument ``cfg`` determines."""
     if cfg.damping_adaptation == "lm":
         raise ValueError("rl_kfac.sb3 has no Levenberg-Marquardt damping (damping_adaptation lm)")
+    if cfg.vf_steps:
+        raise ValueError("rl_kfac.sb3.ACKTR has no value-only steps (vf_steps)")
     if cfg.shared_trunk:
         raise ValueError("SB3's MLP policies have separate actor and critic networks")
     if cfg.recurrent != "none":

@@ -65,3 +65,17 @@ def test_sb3_class_defaults_are_the_documented_settings(cls, config):
     shared = set(expected) & set(cls.defaults)
     assert shared >= {"n_steps", "gamma", "kl_clip", "momentum", "damping_target_kl"}
     assert {k: cls.defaults[k] for k in shared} == {k: expected[k] for k in shared}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("damping_adaptation=lm", "Levenberg-Marquardt"),
+        ("vf_steps=3", "vf_steps"),
+        ("shared_trunk=true", "separate actor and critic"),
+    ],
+)
+def test_settings_rl_kfac_sb3_lacks_are_refused_not_dropped(override, message):
+    cfg = load_config(ROOT / "configs/acktr/hopper.yaml", [override])
+    with pytest.raises(ValueError, match=message):
+        sb3_arguments(cfg)
