@@ -10,7 +10,9 @@ One update, top to bottom:
    for the Levenberg-Marquardt rule);
 6. ``vf_steps`` more K-FAC steps on the value loss alone, into the parameters only the value
    uses (OpenAI baselines' continuous-control ACKTR, ``acktr_cont``, fits its separate critic
-   with many K-FAC steps per batch). The policy does not move: momentum must be 0.
+   with many K-FAC steps per batch). The policy does not move: momentum and weight decay must
+   be 0. These steps count toward ``inverse_update_interval``, and the optimizer's diagnostics
+   then describe the last of them.
 """
 
 from __future__ import annotations

@@ -205,9 +205,18 @@ class Config:
             )
         if self.vf_steps < 0:
             raise ValueError(f"vf_steps must be >= 0, got {self.vf_steps}")
-        if self.vf_steps and (self.algo != "acktr" or self.momentum != 0):
-            # with momentum the policy would keep moving during the value-only steps
-            raise ValueError("vf_steps needs algo acktr with momentum 0")
+        if self.vf_steps and (
+            self.algo != "acktr"
+            or self.momentum != 0
+            or self.weight_decay != 0
+            or self.factor_update_interval != 1
+        ):
+            # momentum or weight decay would move the policy during the value-only steps; with
+            # statistics every T steps the extra steps would shift which updates record them
+            raise ValueError(
+                "vf_steps needs algo acktr with momentum 0, weight_decay 0 and "
+                "factor_update_interval 1"
+            )
         if self.damping_adaptation == "lm" and (self.momentum != 0 or self.algo != "acktr"):
             raise ValueError("damping_adaptation 'lm' needs algo acktr with momentum 0")
         for name in ("clip_range_vf", "target_kl"):

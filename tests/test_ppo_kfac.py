@@ -227,6 +227,8 @@ def test_acktr_value_steps_fit_the_critic_and_leave_the_policy_alone(shared_trun
         (dict(vf_steps=-1), "vf_steps must be >= 0"),
         (dict(vf_steps=2, momentum=0.9), "vf_steps needs algo acktr with momentum 0"),
         (dict(vf_steps=2, momentum=0.0, algo="ppo_kfac"), "vf_steps needs algo acktr"),
+        (dict(vf_steps=2, momentum=0.0, weight_decay=1e-4), "weight_decay 0"),
+        (dict(vf_steps=2, momentum=0.0, factor_update_interval=10), "factor_update_interval 1"),
     ],
 )
 def test_value_steps_are_refused_where_the_policy_would_move(settings, message):
