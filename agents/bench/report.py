@@ -3,8 +3,7 @@
 Four generated blocks: the results (one table per suite, a row per task, algorithm and seed
 group, each naming the commits it was measured at; goals where the suite has them), the
 experiments beside the shipped rows, the shipped configs with the seeds each was tuned on, and
-the committed speed measurements (``bench_results/speed/*.txt``, each the output of its own
-command, shown as written).
+the committed speed measurements (``bench_results/speed/*.txt``, shown as written).
 """
 
 from __future__ import annotations
@@ -202,8 +201,8 @@ def render_configs(configs: Path) -> str:
 
 
 def render_speed(speed: Path) -> str:
-    """Each committed speed output as written (its first lines name command, commit and
-    threads), folded so the README stays readable."""
+    """Each committed speed output as written (with whatever its first lines record of
+    command, commit and threads), folded so the README stays readable."""
     parts = []
     for path in sorted(speed.glob("*.txt")):
         body = path.read_text().rstrip("\n")
