@@ -48,11 +48,11 @@ class KLDampingController:
     ``λ ← clip(λ · clip((kl / target)^rate, 1/max_factor, max_factor), λ_min, λ_max)``, with
     ``target = target_kl`` throughout (``target_schedule="constant"``, the default) or
     ``target_kl · (lr / lr₀)²`` under a learning-rate schedule (``"lr_squared"``, see
-    :meth:`update`): an update
-    that overshoots the target raises λ (shorter, more curvature-dominated steps), a timid one
-    lowers it. The response is monotone in the measured KL and bounded per update and
-    overall. Reference RL implementations adapt the step size from the KL instead (e.g. PPO's
-    adaptive KL penalty, Schulman et al. 2017); here the step size stays the trust region's job.
+    :meth:`update`): an update that overshoots the target raises λ (shorter, more
+    curvature-dominated steps), a timid one lowers it. The response is monotone in the measured
+    KL and bounded per update and overall.
+    Reference RL implementations adapt the step size from the KL instead (e.g. PPO's adaptive KL
+    penalty, Schulman et al. 2017); here the step size stays the trust region's job.
     """
 
     def __init__(
@@ -80,16 +80,14 @@ class KLDampingController:
 
     def update(self, damping: float, kl: float, lr_fraction: float = 1.0) -> float:
         """The new λ after an update of measured ``kl`` taken at ``lr_fraction`` of the initial
-        learning rate. With ``"lr_squared"`` the target is ``target_kl · lr_fraction²``, since
-        an update's KL scales with the square of its step. A fixed target under a decaying
-        learning rate would lower λ to make up for the smaller steps, undoing the schedule;
-        once λ is small the damped quadratic model, and with it the trust region, can badly
-        underestimate the true KL (PPO-KFAC on CartPole: an update of KL 0.85 under kl_clip
-        0.01, then a collapse).
-        With ``"constant"`` (the default) the target stays ``target_kl``: λ then falls as the
-        learning rate does, which the configs tuned with it need late in training (PPO-KFAC on
-        LunarLander reached 200 on 3 of 5 tuning seeds with the scaled target, 5 of 5 with the
-        constant one)."""
+        learning rate. With ``"lr_squared"`` the target is ``target_kl · lr_fraction²``, since an
+        update's KL scales with the square of its step. A fixed target under a decaying learning
+        rate would lower λ to make up for the smaller steps, undoing the schedule; once λ is small
+        the damped quadratic model, and with it the trust region, can badly underestimate the true
+        KL (PPO-KFAC on CartPole: an update of KL 0.85 under kl_clip 0.01, then a collapse). With
+        ``"constant"`` (the default) the target stays ``target_kl``: λ then falls as the learning
+        rate does, which the configs tuned with it need late in training (PPO-KFAC on LunarLander
+        reached 200 on 3 of 5 tuning seeds with the scaled target, 5 of 5 with the constant one)."""
         if math.isnan(kl) or kl < 0 or not lr_fraction > 0:  # keep λ
             return damping
         if self.target_schedule == "constant":
