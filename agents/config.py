@@ -108,6 +108,7 @@ class Config:
     ortho_init: bool = True
     recurrent: Recurrent = "none"  # lstm | gru: a recurrent core after the encoder
     hidden_size: int = 64  # its width
+    shared_core: bool = True  # false: the critic gets a recurrent core of its own
     # bookkeeping
     log_interval: int = 10  # updates between TensorBoard writes
     checkpoint_interval: int = 100_000  # timesteps between periodic checkpoints
@@ -139,6 +140,7 @@ class Config:
             ortho_init=self.ortho_init,
             recurrent=self.recurrent,
             hidden_size=self.hidden_size,
+            shared_core=self.shared_core,
         )
 
     def validate(self) -> Config:
@@ -187,6 +189,11 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kl_clip is not None and self.kl_clip <= 0:
             raise ValueError(f"kl_clip must be > 0 or null, got {self.kl_clip}")
+        if not self.shared_core and (self.recurrent == "none" or self.shared_trunk):
+            raise ValueError(
+                "shared_core false (a critic recurrent core of its own) needs recurrent lstm or "
+                "gru and shared_trunk false"
+            )
         if self.vec_env == "native" and not self.env_id.startswith("ALE/"):
             raise ValueError(f"vec_env 'native' is ale-py's Atari env; {self.env_id} has none")
         if self.statistics_rows is not None and self.statistics_rows < 1:

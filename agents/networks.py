@@ -44,6 +44,9 @@ class PolicySpec:
     ortho_init: bool = True
     recurrent: Recurrent = "none"
     hidden_size: int = 64  # of the recurrent core
+    # False: the critic gets a recurrent core of its own (sb3-contrib's enable_critic_lstm), so
+    # the value loss no longer shapes the memory the policy reads
+    shared_core: bool = True
 
 
 def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
@@ -172,11 +175,17 @@ class ActorCritic(nn.Module):
             )
         if spec.recurrent not in typing.get_args(Recurrent):
             raise ValueError(f"recurrent must be one of {typing.get_args(Recurrent)}")
+        if not spec.shared_core and (spec.recurrent == "none" or spec.shared_trunk):
+            raise ValueError(
+                "shared_core false (a critic recurrent core of its own) needs recurrent lstm or "
+                "gru and shared_trunk false"
+            )
         self.shared: nn.Module | None = None
         self.actor: nn.Module = nn.Identity()
         self.critic: nn.Module = nn.Identity()
         self.encoder: nn.Module | None = None
         self.rnn: nn.LSTM | nn.GRU | None = None
+        self.critic_rnn: nn.LSTM | nn.GRU | None = None  # shared_core false only
         self.flatten = True
         self.cnn_trunk = spec.arch != "mlp" and len(parts) == 1 and bool(images)
         if self.cnn_trunk:  # one image: CNN, (the recurrent core,) then the heads
@@ -210,6 +219,8 @@ class ActorCritic(nn.Module):
             return width
         kind = nn.LSTM if spec.recurrent == "lstm" else nn.GRU
         self.rnn = kind(width, spec.hidden_size)
+        if not spec.shared_core:
+            self.critic_rnn = kind(width, spec.hidden_size)
         return spec.hidden_size
 
     def _orthogonal_init(self) -> None:
@@ -228,15 +239,17 @@ class ActorCritic(nn.Module):
         return self.rnn is not None
 
     def value_parameters(self) -> list[nn.Parameter]:
-        """The parameters only the value depends on: the critic MLP and the value head (the
-        value head alone when the trunk is shared)."""
-        return [*self.critic.parameters(), *self.vf.parameters()]
+        """The parameters only the value depends on: the critic's recurrent core (if it has its
+        own), the critic MLP and the value head (the value head alone when the trunk is shared)."""
+        core = [] if self.critic_rnn is None else list(self.critic_rnn.parameters())
+        return [*core, *self.critic.parameters(), *self.vf.parameters()]
 
     def forward(self, obs: Tensor) -> tuple[Distribution, Tensor]:
         """``(Distribution, value)`` of a feed-forward policy (a recurrent one: :meth:`step`)."""
         if self.rnn is not None:
             raise ValueError("a recurrent policy takes step(obs, state, starts) or sequence(...)")
-        return self._heads(self._encode(obs))
+        x = self._encode(obs)
+        return self._heads(x, x)
 
     def _encode(self, obs: Tensor) -> Tensor:
         x = obs.flatten(1) if self.flatten else obs
@@ -249,39 +262,50 @@ class ActorCritic(nn.Module):
             x = self.shared(x)
         return x
 
-    def _heads(self, x: Tensor) -> tuple[Distribution, Tensor]:
-        if self.shared is not None and not self.cnn_trunk:
-            x = self.shared(x)
-        out = self.pi(self.actor(x))
-        value = self.vf(self.critic(x)).squeeze(-1)
+    def _heads(self, x_pi: Tensor, x_vf: Tensor) -> tuple[Distribution, Tensor]:
+        """The heads on the actor's and the critic's features (the same tensor unless the
+        critic has a recurrent core of its own)."""
+        if self.shared is not None and not self.cnn_trunk:  # the MLP trunk: x_vf is x_pi
+            x_pi = x_vf = self.shared(x_pi)
+        out = self.pi(self.actor(x_pi))
+        value = self.vf(self.critic(x_vf)).squeeze(-1)
         return self.head.distribution(out, self.log_std), value
 
-    # -- recurrent policies: the state is one tensor (k, layers, n, hidden), k = 2 for (h, c) --
+    # -- recurrent policies: the state is one tensor (k, cores·layers, n, hidden), k = 2 for
+    # an LSTM's (h, c); the actor's layers first, then the critic's own core's (if any) --
     def initial_state(self, n: int) -> Tensor:
         """The state of ``n`` new episodes (zeros; empty for a feed-forward policy)."""
         if self.rnn is None:
             return self.pi.weight.new_zeros(0)
         k = 2 if isinstance(self.rnn, nn.LSTM) else 1
-        return self.pi.weight.new_zeros(k, self.rnn.num_layers, n, self.rnn.hidden_size)
+        layers = self.rnn.num_layers * (1 if self.critic_rnn is None else 2)
+        return self.pi.weight.new_zeros(k, layers, n, self.rnn.hidden_size)
 
-    def _core(self, x: Tensor, state: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
-        """The recurrent core over ``x`` (one step ``(n, features)``, or steps ``(T, n,
-        features)`` without episode starts after the first); episodes that start at the first
-        step begin from the zero state."""
+    def _core(self, x: Tensor, state: Tensor, starts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The recurrent core(s) over ``x`` (one step ``(n, features)``, or steps ``(T, n,
+        features)`` without episode starts after the first): ``(actor features, critic
+        features, new state)``. Episodes that start at the first step begin from zeros."""
         assert self.rnn is not None
         state = state * (~starts).to(state.dtype)[None, None, :, None]
-        hx = (state[0], state[1]) if isinstance(self.rnn, nn.LSTM) else state[0]
         one_step = x.dim() == 2
-        out, new = self.rnn(x.unsqueeze(0) if one_step else x, hx)
-        new_state = torch.stack(new) if isinstance(new, tuple) else new.unsqueeze(0)
-        return (out[0] if one_step else out), new_state
+        seq = x.unsqueeze(0) if one_step else x
+        layers = self.rnn.num_layers
+        outs, states = [], []
+        cores = [self.rnn] if self.critic_rnn is None else [self.rnn, self.critic_rnn]
+        for i, rnn in enumerate(cores):
+            part = state[:, i * layers : (i + 1) * layers]
+            hx = (part[0], part[1]) if isinstance(rnn, nn.LSTM) else part[0]
+            out, new = rnn(seq, hx)
+            outs.append(out[0] if one_step else out)
+            states.append(torch.stack(new) if isinstance(new, tuple) else new.unsqueeze(0))
+        return outs[0], outs[-1], torch.cat(states, dim=1)
 
     def step(
         self, obs: Tensor, state: Tensor, starts: Tensor
     ) -> tuple[Distribution, Tensor, Tensor]:
         """One step of ``n`` environments: ``(Distribution, value, next state)``."""
-        out, state = self._core(self._encode(obs), state, starts)
-        dist, value = self._heads(out)
+        x_pi, x_vf, state = self._core(self._encode(obs), state, starts)
+        dist, value = self._heads(x_pi, x_vf)
         return dist, value, state
 
     def sequence(self, obs: Tensor, state: Tensor, starts: Tensor) -> tuple[Distribution, Tensor]:
@@ -294,8 +318,10 @@ class ActorCritic(nn.Module):
         # one fused call per stretch of steps in which no episode starts (after the first step)
         inner = (starts[1:].any(dim=1).nonzero().flatten() + 1).tolist()  # one host read
         cuts = [0, *inner, steps]
-        outs = []
+        outs_pi, outs_vf = [], []
         for a, b in itertools.pairwise(cuts):
-            out, state = self._core(x[a:b], state, starts[a])
-            outs.append(out.reshape(-1, out.shape[-1]))
-        return self._heads(torch.cat(outs))
+            x_pi, x_vf, state = self._core(x[a:b], state, starts[a])
+            outs_pi.append(x_pi.reshape(-1, x_pi.shape[-1]))
+            outs_vf.append(x_vf.reshape(-1, x_vf.shape[-1]))
+        x_pi = torch.cat(outs_pi)
+        return self._heads(x_pi, x_pi if self.critic_rnn is None else torch.cat(outs_vf))

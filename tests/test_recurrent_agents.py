@@ -32,23 +32,31 @@ class FinalObservations(gym.vector.VectorWrapper):
         return obs, reward, terminated, truncated, info
 
 
-def _setup(recurrent: str, steps: int = 12, n_envs: int = 3, limit: int = 5):
+def _setup(
+    recurrent: str, steps: int = 12, n_envs: int = 3, limit: int = 5, shared_core: bool = True
+):
     torch.manual_seed(0)
     envs = FinalObservations(
         make_vec_env("CartPole-v1", n_envs, env_kwargs={"max_episode_steps": limit})
     )
-    spec = Config(recurrent=recurrent, hidden_size=8, hidden=(16,)).policy_spec()
+    spec = Config(
+        recurrent=recurrent, hidden_size=8, hidden=[16], shared_core=shared_core
+    ).policy_spec()
     policy = ActorCritic(envs.single_observation_space, envs.single_action_space, spec)
     norm = Normalizer((4,), n_envs, 0.99, obs=False, reward=False)
     collector = RolloutCollector(envs, policy, steps, 0.99, 0.95, norm, torch.device("cpu"), seed=0)
     return envs, policy, collector
 
 
-@pytest.mark.parametrize("recurrent", ["lstm", "gru"])
-def test_replaying_the_stored_sequences_gives_the_rollouts_log_probs_and_values(recurrent):
+@pytest.mark.parametrize(
+    ("recurrent", "shared_core"), [("lstm", True), ("gru", True), ("lstm", False), ("gru", False)]
+)
+def test_replaying_the_stored_sequences_gives_the_rollouts_log_probs_and_values(
+    recurrent, shared_core
+):
     """Episode starts, the states at rollout start and the resets mid-rollout are stored
     correctly exactly when replaying them reproduces what the rollout computed."""
-    _, policy, collector = _setup(recurrent)
+    _, policy, collector = _setup(recurrent, shared_core=shared_core)
     for _ in range(2):  # the second rollout starts from the first one's last state
         batch = collector.collect()
         assert batch.starts is not None and batch.starts.any() and batch.states is not None
@@ -62,8 +70,9 @@ def test_replaying_the_stored_sequences_gives_the_rollouts_log_probs_and_values(
     assert not torch.allclose(wrong, batch.values)
 
 
-def test_the_truncation_bootstrap_uses_the_state_after_the_last_step():
-    envs, policy, collector = _setup("lstm", steps=12, limit=5)
+@pytest.mark.parametrize("shared_core", [True, False])
+def test_the_truncation_bootstrap_uses_the_state_after_the_last_step(shared_core):
+    envs, policy, collector = _setup("lstm", steps=12, limit=5, shared_core=shared_core)
     batch = collector.collect()
     assert batch.states is not None and batch.starts is not None
     steps, n = batch.starts.shape
@@ -104,13 +113,55 @@ def test_ppo_minibatches_are_whole_environment_sequences():
     assert sorted(seen) == list(range(6))
 
 
-@pytest.mark.parametrize("algo", ["acktr", "ppo_kfac"])
-def test_training_preconditions_the_policy_lstm(tmp_path, algo):
+def test_a_critic_core_of_its_own_keeps_the_value_out_of_the_policys_memory():
+    """With ``shared_core`` false the value's gradient reaches only the critic's core and the
+    policy's only the actor's; with a shared core the value's reaches it (the check can fail)."""
+    box, actions = gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (1,))
+    torch.manual_seed(0)
+    obs, starts = torch.randn(5 * 2, 3), torch.zeros(5, 2, dtype=torch.bool)
+    starts[2, 1] = True  # an episode start mid-sequence: two stretches of the core
+    for shared in (True, False):
+        policy = ActorCritic(
+            box, actions, Config(recurrent="lstm", hidden_size=6, shared_core=shared).policy_spec()
+        )
+        assert policy.initial_state(2).shape == (2, 1 if shared else 2, 2, 6)
+        dist, value = policy.sequence(obs, torch.randn_like(policy.initial_state(2)), starts)
+        rnn = list(policy.rnn.parameters())
+        from_value = torch.autograd.grad(value.sum(), rnn, retain_graph=True, allow_unused=True)
+        reaches = any(g is not None and g.abs().sum() > 0 for g in from_value)
+        assert reaches == shared
+        if shared:
+            assert policy.critic_rnn is None
+            continue
+        critic = list(policy.critic_rnn.parameters())
+        assert {id(p) for p in critic} <= {id(p) for p in policy.value_parameters()}
+        log_prob = dist.log_prob(torch.zeros(10, 1)).sum()
+        from_policy = torch.autograd.grad(log_prob, critic, retain_graph=True, allow_unused=True)
+        assert all(g is None or g.abs().sum() == 0 for g in from_policy)
+        assert torch.autograd.grad(value.sum(), critic)[0].abs().sum() > 0
+
+
+def test_a_critic_core_of_its_own_needs_a_recurrent_core_and_separate_trunks():
+    lstm_shared_trunk = ["recurrent=lstm", "shared_core=false", "shared_trunk=true"]
+    for bad in (["shared_core=false"], lstm_shared_trunk):
+        with pytest.raises(ValueError, match="shared_core false"):
+            load_config("configs/acktr/cartpole.yaml", bad)
+
+
+@pytest.mark.parametrize(
+    ("algo", "shared_core"), [("acktr", True), ("ppo_kfac", True), ("ppo_kfac", False)]
+)
+def test_training_preconditions_the_policy_lstm(tmp_path, algo, shared_core):
     from agents.trainer import Trainer
 
     cfg = load_config(
         f"configs/{algo}/cartpole_novel.yaml",
-        ["total_timesteps=1024", "factor_update_interval=1", "n_epochs=1"],
+        [
+            "total_timesteps=1024",
+            "factor_update_interval=1",
+            "n_epochs=1",
+            f"shared_core={str(shared_core).lower()}",
+        ],
     )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -118,6 +169,7 @@ def test_training_preconditions_the_policy_lstm(tmp_path, algo):
         trainer.train()
     names = {b.name for b in trainer.algo.optimizer.blocks}
     assert {"rnn.ih_l0", "rnn.hh_l0", "pi", "vf"} <= names
+    assert shared_core or {"critic_rnn.ih_l0", "critic_rnn.hh_l0"} <= names
     assert not [w for w in record if "no K-FAC" in str(w.message)]
     counters = trainer.algo.optimizer.counters
     assert counters["statistics_updates"] >= 4 and counters["skipped_steps"] == 0
