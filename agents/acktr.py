@@ -11,8 +11,8 @@ One update, top to bottom:
 6. ``vf_steps`` more K-FAC steps on the value loss alone, into the parameters only the value
    uses (OpenAI baselines' continuous-control ACKTR, ``acktr_cont``, fits its separate critic
    with many K-FAC steps per batch). The policy does not move: momentum and weight decay must
-   be 0. These steps count toward ``inverse_update_interval``, and the optimizer's diagnostics
-   then describe the last of them.
+   be 0. These steps count toward ``inverse_update_interval``; the logged ``kfac/step_scale``
+   and ``kfac/quadratic`` stay the joint step's.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ class ACKTR(KFACAlgorithm):
             if self.lm_damping is not None and lr > 0:
                 actual = self.global_mean(self.a2c_loss(new_dist, new_values, batch)[0] - loss)
                 adapt_damping_lm(opt, self.lm_damping, actual, lr)
+        # the joint step's ν and quadratic, which the value steps would overwrite (a host read,
+        # so only when there are value steps)
+        joint = self.optimizer.diagnostics.scalars() if cfg.vf_steps and lr > 0 else {}
         for _ in range(cfg.vf_steps if lr > 0 else 0):
             values = evaluate(self.policy, batch)[1]
             fitted = cfg.vf_coef * F.mse_loss(values, batch.returns)
@@ -62,4 +65,5 @@ class ACKTR(KFACAlgorithm):
             "train/entropy": entropy.detach(),
             "train/approx_kl": kl,
             "train/learning_rate": lr,
+            **{k: joint[k] for k in ("kfac/step_scale", "kfac/quadratic") if joint},
         }

@@ -331,7 +331,7 @@ class Trainer:
             writer.add_scalar("time/rss_mib", rss, step)  # a leak shows as a rising curve
         writer.add_scalar("time/threads", self.threads, step)
         # the only device->host reads: the optimizer's ν and counters too are read only here
-        for key, value in {**stats, **self.algo.optimizer.diagnostics.scalars()}.items():
+        for key, value in {**self.algo.optimizer.diagnostics.scalars(), **stats}.items():
             writer.add_scalar(key, float(value), step)
 
     def close(self) -> None:

@@ -203,12 +203,15 @@ def test_acktr_value_steps_fit_the_critic_and_leave_the_policy_alone(shared_trun
     obs, actions = torch.randn(64, 3), torch.randn(64, 2)
     returns = 3 * obs[:, 0] - obs[:, 1] ** 2  # a target the critic can fit
     batch = Batch(obs, actions, torch.zeros(64), torch.zeros(64), torch.randn(64), returns)
-    nets, fits = [], []
+    nets, fits, logged = [], [], []
     for vf_steps in (0, 5):
         policy = copy.deepcopy(net)
         cfg = Config(vf_steps=vf_steps, momentum=0.0, kl_clip=0.01, shared_trunk=shared_trunk)
         torch.manual_seed(1)  # the same sampled Fisher actions in the joint step
-        ACKTR(policy, cfg.validate()).update(batch, progress=0.0)
+        algo = ACKTR(policy, cfg.validate())
+        stats = algo.update(batch, progress=0.0)
+        diag = algo.optimizer.diagnostics.scalars()  # what the trainer merges under the stats
+        logged.append([float({**diag, **stats}[k]) for k in ("kfac/step_scale", "kfac/quadratic")])
         nets.append(policy)
         with torch.no_grad():
             fits.append(float(F.mse_loss(policy(obs)[1], returns)))
@@ -219,6 +222,8 @@ def test_acktr_value_steps_fit_the_critic_and_leave_the_policy_alone(shared_trun
         same = torch.equal(plain[name], fitted[name])
         assert same == (name not in value_names), name  # only the critic moved further
     assert fits[1] < 0.8 * fits[0], fits  # five more K-FAC steps on the value loss fit it better
+    # the logged trust-region scale and quadratic are the joint step's, not the last value step's
+    assert logged[1] == logged[0] and algo.optimizer.diagnostics.quadratic != logged[0][1]
 
 
 @pytest.mark.parametrize(
