@@ -189,11 +189,7 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kl_clip is not None and self.kl_clip <= 0:
             raise ValueError(f"kl_clip must be > 0 or null, got {self.kl_clip}")
-        if not self.shared_core and (self.recurrent == "none" or self.shared_trunk):
-            raise ValueError(
-                "shared_core false (a critic recurrent core of its own) needs recurrent lstm or "
-                "gru and shared_trunk false"
-            )
+        self.policy_spec()  # its own checks (shared_core)
         if self.vec_env == "native" and not self.env_id.startswith("ALE/"):
             raise ValueError(f"vec_env 'native' is ale-py's Atari env; {self.env_id} has none")
         if self.statistics_rows is not None and self.statistics_rows < 1:

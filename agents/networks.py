@@ -48,6 +48,13 @@ class PolicySpec:
     # the value loss no longer shapes the memory the policy reads
     shared_core: bool = True
 
+    def __post_init__(self) -> None:
+        if not self.shared_core and (self.recurrent == "none" or self.shared_trunk):
+            raise ValueError(
+                "shared_core false (a critic recurrent core of its own) needs recurrent lstm or "
+                "gru and shared_trunk false"
+            )
+
 
 def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -175,11 +182,6 @@ class ActorCritic(nn.Module):
             )
         if spec.recurrent not in typing.get_args(Recurrent):
             raise ValueError(f"recurrent must be one of {typing.get_args(Recurrent)}")
-        if not spec.shared_core and (spec.recurrent == "none" or spec.shared_trunk):
-            raise ValueError(
-                "shared_core false (a critic recurrent core of its own) needs recurrent lstm or "
-                "gru and shared_trunk false"
-            )
         self.shared: nn.Module | None = None
         self.actor: nn.Module = nn.Identity()
         self.critic: nn.Module = nn.Identity()

@@ -12,7 +12,7 @@ import torch
 
 from agents.config import Config, load_config
 from agents.envs import make_vec_env
-from agents.networks import ActorCritic
+from agents.networks import ActorCritic, PolicySpec
 from agents.normalize import Normalizer
 from agents.ppo_kfac import minibatches
 from agents.rollout import RolloutCollector, evaluate
@@ -146,6 +146,8 @@ def test_a_critic_core_of_its_own_needs_a_recurrent_core_and_separate_trunks():
     for bad in (["shared_core=false"], lstm_shared_trunk):
         with pytest.raises(ValueError, match="shared_core false"):
             load_config("configs/acktr/cartpole.yaml", bad)
+    with pytest.raises(ValueError, match="shared_core false"):  # the network's own spec too
+        PolicySpec(shared_core=False)
 
 
 @pytest.mark.parametrize(
