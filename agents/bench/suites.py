@@ -158,7 +158,7 @@ TUNED_ON: dict[str, range | None] = {
     "ppo_kfac/pendulum": None,
     "acktr/halfcheetah": range(3),
     "ppo_kfac/halfcheetah": range(3),
-    "acktr/hopper": None,
+    "acktr/hopper": range(3),
     "ppo_kfac/hopper": None,
     "acktr/walker2d": None,
     "ppo_kfac/walker2d": None,
