@@ -160,7 +160,7 @@ TUNED_ON: dict[str, range | None] = {
     "ppo_kfac/halfcheetah": range(3),
     "acktr/hopper": range(3),
     "ppo_kfac/hopper": None,
-    "acktr/walker2d": None,
+    "acktr/walker2d": range(3),
     "ppo_kfac/walker2d": None,
     "acktr/ant": None,
     "ppo_kfac/ant": None,
