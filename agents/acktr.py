@@ -54,7 +54,10 @@ class ACKTR(KFACAlgorithm):
                 adapt_damping_lm(opt, self.lm_damping, actual, lr)
         # the joint step's ν and quadratic, which the value steps would overwrite (a host read,
         # so only when there are value steps)
-        joint = self.optimizer.diagnostics.scalars() if cfg.vf_steps and lr > 0 else {}
+        joint: Stats = {}
+        if cfg.vf_steps and lr > 0:
+            diag = opt.diagnostics
+            joint = {"kfac/step_scale": diag.step_scale, "kfac/quadratic": diag.quadratic}
         for _ in range(cfg.vf_steps if lr > 0 else 0):
             values = evaluate(self.policy, batch)[1]
             fitted = cfg.vf_coef * F.mse_loss(values, batch.returns)
@@ -65,5 +68,5 @@ class ACKTR(KFACAlgorithm):
             "train/entropy": entropy.detach(),
             "train/approx_kl": kl,
             "train/learning_rate": lr,
-            **{k: joint[k] for k in ("kfac/step_scale", "kfac/quadratic") if joint},
+            **joint,
         }

@@ -320,10 +320,11 @@ class ActorCritic(nn.Module):
         # one fused call per stretch of steps in which no episode starts (after the first step)
         inner = (starts[1:].any(dim=1).nonzero().flatten() + 1).tolist()  # one host read
         cuts = [0, *inner, steps]
-        outs_pi, outs_vf = [], []
+        outs_pi, outs_vf = [], []  # outs_vf: a critic core of its own only
         for a, b in itertools.pairwise(cuts):
             x_pi, x_vf, state = self._core(x[a:b], state, starts[a])
             outs_pi.append(x_pi.reshape(-1, x_pi.shape[-1]))
-            outs_vf.append(x_vf.reshape(-1, x_vf.shape[-1]))
+            if x_vf is not x_pi:
+                outs_vf.append(x_vf.reshape(-1, x_vf.shape[-1]))
         x_pi = torch.cat(outs_pi)
-        return self._heads(x_pi, x_pi if self.critic_rnn is None else torch.cat(outs_vf))
+        return self._heads(x_pi, torch.cat(outs_vf) if outs_vf else x_pi)
