@@ -6,8 +6,8 @@ One update, top to bottom:
    term (Gaussian σ = 1, sampled target); K-FAC records its statistics (``fisher_backward``);
 3. A2C loss = policy gradient − ent_coef · entropy + vf_coef · MSE(values, returns);
 4. one K-FAC step (precondition, trust-region clip ν, momentum);
-5. KL(π_old ‖ π_new) on the batch, for logging and KL-based damping (or the loss after the step,
-   for the Levenberg-Marquardt rule);
+5. KL(π_old ‖ π_new) on the batch, for logging, KL-based damping and the trust-region radius
+   (or the loss after the step, for the Levenberg-Marquardt rule);
 6. ``vf_steps`` more K-FAC steps on the value loss alone, into the parameters only the value
    uses (OpenAI baselines' continuous-control ACKTR, ``acktr_cont``, fits its separate critic
    with many K-FAC steps per batch). The policy does not move: momentum and weight decay must
@@ -48,7 +48,7 @@ class ACKTR(KFACAlgorithm):
         with torch.no_grad():
             new_dist, new_values = evaluate(self.policy, batch)
             kl = dist.detach().kl(new_dist).mean()
-            self.adapt_damping(kl)
+            adapted = self.adapt_to_kl(kl)
             if self.lm_damping is not None and lr > 0:
                 actual = self.global_mean(self.a2c_loss(new_dist, new_values, batch)[0] - loss)
                 adapt_damping_lm(opt, self.lm_damping, actual, lr)
@@ -69,4 +69,5 @@ class ACKTR(KFACAlgorithm):
             "train/approx_kl": kl,
             "train/learning_rate": lr,
             **joint,
+            **adapted,
         }

@@ -1,4 +1,5 @@
-"""What ACKTR and PPO-KFAC share: the K-FAC optimizer, the LR schedule, damping adaptation."""
+"""What ACKTR and PPO-KFAC share: the K-FAC optimizer, the LR schedule, and the damping and
+trust-region adaptation from each update's measured KL."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from agents.config import Config
 from agents.networks import ActorCritic
 from agents.rollout import Batch
 from rl_kfac import KFAC
-from rl_kfac.actor_critic import adapt_damping_to_kl
+from rl_kfac.actor_critic import adapt_damping_to_kl, adapt_kl_clip
 from rl_kfac.damping import KLDampingController, LevenbergMarquardt
 from rl_kfac.distributed import Communicator, allreduce_gradients, average_scalar
+from rl_kfac.trust_region import KLClipController
 
 Stats = dict[str, float | Tensor]
 # Config keys that are KFAC arguments of the same name
@@ -77,9 +79,17 @@ class KFACAlgorithm:
             else None
         )
 
+        self.kl_clip_control: KLClipController | None = None
+        if cfg.kl_clip_target is not None:
+            assert cfg.kl_clip is not None  # Config.validate: a target needs a radius
+            self.kl_clip_control = KLClipController(cfg.kl_clip_target, cfg.kl_clip)
+
     def __repr__(self) -> str:
         damping = self.kl_damping or self.lm_damping
-        return f"{type(self).__name__}(optimizer={self.optimizer}, damping_adaptation={damping})"
+        return (
+            f"{type(self).__name__}(optimizer={self.optimizer}, damping_adaptation={damping}, "
+            f"kl_clip_adaptation={self.kl_clip_control})"
+        )
 
     def set_learning_rate(self, progress: float) -> float:
         """Linear decay to 0 at the end of training, or constant; returns the new rate."""
@@ -107,11 +117,17 @@ class KFACAlgorithm:
         """``value`` averaged over ranks (itself in a single process)."""
         return average_scalar(value, self.comm)
 
-    def adapt_damping(self, kl: Tensor) -> None:
-        """KL-based damping from this update's KL(π_old ‖ π_new), averaged over ranks."""
+    def adapt_to_kl(self, kl: Tensor) -> Stats:
+        """KL-based damping and trust-region radius from this update's KL(π_old ‖ π_new),
+        averaged over ranks (read only when one of them is on); the radius to log, if adapted."""
+        if self.kl_damping is None and self.kl_clip_control is None:
+            return {}
+        kl_mean = self.global_mean(kl)
         if self.kl_damping is not None:
-            kl_mean = self.global_mean(kl)
             adapt_damping_to_kl(self.optimizer, self.kl_damping, kl_mean, self.cfg.lr)
+        if self.kl_clip_control is None:
+            return {}
+        return {"kfac/kl_clip": adapt_kl_clip(self.optimizer, self.kl_clip_control, kl_mean)}
 
     def update(self, batch: Batch, progress: float) -> Stats:
         raise NotImplementedError

@@ -88,6 +88,9 @@ class Config:
     damping_max: float = 1.0
     damping_target_schedule: TargetSchedule = "constant"  # or lr_squared (rl_kfac.damping)
     lm_omega: float = 1.5
+    # trust-region radius adaptation (rl_kfac.trust_region): kl_clip moves toward this measured
+    # KL per update; null: kl_clip stays fixed
+    kl_clip_target: float | None = None
     # PPO-KFAC
     n_epochs: int = 4
     batch_size: int = 64
@@ -189,6 +192,11 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kl_clip is not None and self.kl_clip <= 0:
             raise ValueError(f"kl_clip must be > 0 or null, got {self.kl_clip}")
+        if self.kl_clip_target is not None and (self.kl_clip is None or self.kl_clip_target <= 0):
+            raise ValueError(
+                f"kl_clip_target must be > 0 with a kl_clip to adapt, got {self.kl_clip_target} "
+                f"(kl_clip {self.kl_clip})"
+            )
         self.policy_spec()  # its own checks (shared_core)
         if self.vec_env == "native" and not self.env_id.startswith("ALE/"):
             raise ValueError(f"vec_env 'native' is ale-py's Atari env; {self.env_id} has none")

@@ -6,7 +6,8 @@ One update, top to bottom, for ``n_epochs`` passes over shuffled minibatches:
 2. clipped surrogate − ent_coef · entropy + vf_coef · value loss (optionally clipped);
 3. one K-FAC step with the trust-region clip (per minibatch);
 4. optional early stop when the minibatch's approximate KL exceeds 1.5 · target_kl.
-Afterwards KL(π_old ‖ π_new) on the whole batch drives KL-based damping and is logged.
+Afterwards KL(π_old ‖ π_new) on the whole batch drives KL-based damping and the trust-region
+radius, and is logged.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class PPOKFAC(KFACAlgorithm):
                 break
         with torch.no_grad():
             kl = old_dist.kl(evaluate(policy, batch)[0]).mean()
-        self.adapt_damping(kl)
+        adapted = self.adapt_to_kl(kl)
         return {
             "train/policy_loss": sums["policy"] / steps,
             "train/value_loss": sums["value"] / steps,
@@ -94,4 +95,5 @@ class PPOKFAC(KFACAlgorithm):
             "train/approx_kl": kl,
             "train/learning_rate": lr,
             "train/n_updates": steps,
+            **adapted,
         }

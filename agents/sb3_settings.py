@@ -61,6 +61,7 @@ def sb3_arguments(cfg: Config) -> dict[str, Any]:
         "inverse_update_interval": cfg.inverse_update_interval,
         "vf_fisher_coef": cfg.vf_fisher_coef,
         "damping_target_kl": cfg.damping_target_kl if cfg.damping_adaptation == "kl" else None,
+        "kl_clip_target": cfg.kl_clip_target,
         "normalize_advantage": (
             cfg.algo == "ppo_kfac" if cfg.normalize_advantage is None else cfg.normalize_advantage
         ),

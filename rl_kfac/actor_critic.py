@@ -6,6 +6,8 @@
 - Damping adaptation after an update: toward a target KL(π_old ‖ π_new)
   (:func:`adapt_damping_to_kl`) or by the Levenberg-Marquardt reduction ratio
   (:func:`adapt_damping_lm`); both read and set the optimizer's λ.
+- Trust-region adaptation after an update: the radius ``kl_clip`` toward a target measured KL
+  (:func:`adapt_kl_clip`, :class:`rl_kfac.trust_region.KLClipController`).
 - Diagnostics: ``KFAC.diagnostics`` (:class:`rl_kfac.diagnostics.Diagnostics`) gives the logged
   scalars under the ``kfac/*`` tags both paths use.
 """
@@ -19,6 +21,7 @@ from torch import Tensor
 from rl_kfac.damping import KLDampingController, LevenbergMarquardt
 from rl_kfac.fisher import value_fisher_loss
 from rl_kfac.optimizer import KFAC
+from rl_kfac.trust_region import KLClipController
 
 
 def actor_critic_fisher_loss(policy_loss: Tensor, values: Tensor, vf_fisher_coef: float) -> Tensor:
@@ -74,3 +77,14 @@ def adapt_damping_lm(optimizer: KFAC, rule: LevenbergMarquardt, actual: float, l
     damping = rule.update(optimizer.damping, actual, predicted)
     optimizer.set_damping(damping)
     return damping
+
+
+def adapt_kl_clip(optimizer: KFAC, controller: KLClipController, kl: float) -> float:
+    """Move the trust-region radius toward the controller's target given the update's measured
+    KL; the new radius. Whether the clip shortened the step is read from the optimizer's last
+    ν (a PPO-KFAC update's last minibatch step stands for the update)."""
+    assert optimizer.kl_clip is not None  # the config checks refuse a controller without one
+    clipped = optimizer.diagnostics.step_scale < 1.0
+    kl_clip = controller.update(optimizer.kl_clip, kl, clipped)
+    optimizer.set_kl_clip(kl_clip)
+    return kl_clip

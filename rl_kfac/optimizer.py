@@ -106,7 +106,8 @@ class KFAC(Optimizer):
 
     ``state_dict()`` holds, besides torch's ``param_groups``: per layer weight the running
     factors ``A``, ``G`` and their eigendecompositions ``eA, QA, eG, QG`` and ``pi``; per
-    parameter its ``momentum_buffer``; under ``"kfac"`` the counters of :attr:`diagnostics`.
+    parameter its ``momentum_buffer``; under ``"kfac"`` the counters of :attr:`diagnostics`
+    and the trust-region radius (which :meth:`set_kl_clip` may have moved).
     """
 
     def __init__(
@@ -414,6 +415,13 @@ class KFAC(Optimizer):
         for group in self.param_groups:
             group["damping"] = value
 
+    def set_kl_clip(self, value: float) -> None:
+        """Set the trust-region radius ``c`` (a controller's, e.g.
+        :class:`rl_kfac.trust_region.KLClipController`); saved in :meth:`state_dict`."""
+        _check(self.kl_clip is not None, "kl_clip is None: there is no trust region to set")
+        _check(0 < value < math.inf, f"kl_clip must be > 0 and finite, got {value}")
+        self.kl_clip = value
+
     @property
     def counters(self) -> dict[str, int]:
         """Steps, statistics and inverse updates, and what was skipped or failed (a copy)."""
@@ -461,6 +469,8 @@ class KFAC(Optimizer):
         self._finish_pending()
         sd = super().state_dict()
         sd["kfac"] = {k: torch.tensor(v) for k, v in self.counters.items()}  # settles them
+        if self.kl_clip is not None:  # a controller may have moved it
+            sd["kfac"]["kl_clip"] = torch.tensor(self.kl_clip, dtype=torch.float64)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -473,6 +483,8 @@ class KFAC(Optimizer):
                 if key in state:
                     state[key] = state[key].to(self.factor_dtype)
         if counters is not None:
+            if "kl_clip" in counters and self.kl_clip is not None:
+                self.kl_clip = float(counters["kl_clip"])
             c = {k: int(counters.get(k, 0)) for k in COUNTERS}
             self._steps, self._skipped_steps = c["steps"], LazyCount(c["skipped_steps"])
             self._factors.load_counters(c["statistics_updates"], c["skipped_statistics"])

@@ -150,6 +150,7 @@ def assert_state_equal(a: dict, b: dict) -> None:
     "make",
     [
         lambda env: ACKTR("MlpPolicy", env, n_steps=8, seed=0, damping_target_kl=0.01),
+        lambda env: ACKTR("MlpPolicy", env, n_steps=8, seed=0, kl_clip=0.1, kl_clip_target=1e-6),
         lambda env: PPOKFAC("MlpPolicy", env, seed=0, **SMALL[PPOKFAC]),
         lambda env: PPO(
             "MlpPolicy",
@@ -162,7 +163,7 @@ def assert_state_equal(a: dict, b: dict) -> None:
             seed=0,
         ),
     ],
-    ids=["acktr", "ppo_kfac", "ppo+KFAC"],
+    ids=["acktr", "acktr-kl_clip_target", "ppo_kfac", "ppo+KFAC"],
 )
 def test_save_load_round_trip_restores_factors_and_continues_identically(make, tmp_path):
     env = env_for("box")
@@ -176,6 +177,10 @@ def test_save_load_round_trip_restores_factors_and_continues_identically(make, t
         model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0]
     )
     assert_state_equal(model.policy.optimizer.state_dict(), loaded.policy.optimizer.state_dict())
+    kl_clip = model.policy.optimizer.kl_clip
+    if getattr(model, "kl_clip_control", None) is not None:  # a target this small shrank it
+        assert kl_clip < 0.1 and model.logger.name_to_value["kfac/kl_clip"] == kl_clip
+    assert loaded.policy.optimizer.kl_clip == kl_clip
     same_next_update(model, loaded)
     loaded.learn(model.n_steps * model.n_envs, reset_num_timesteps=False)
     assert loaded.policy.optimizer.counters["steps"] > model.policy.optimizer.counters["steps"]
@@ -205,6 +210,8 @@ def test_invalid_setups_fail_before_training():
         ACKTR(ActorCriticPolicy, env)
     with pytest.raises(ValueError, match="kl_clip"):
         ACKTR("MlpPolicy", env, kl_clip=0.0)
+    with pytest.raises(ValueError, match="kl_clip_target needs a kl_clip"):
+        ACKTR("MlpPolicy", env, kl_clip=None, kl_clip_target=0.01)
     with pytest.raises(ValueError, match="optimizer_kwargs"):
         ACKTR("MlpPolicy", env, policy_kwargs=dict(optimizer_kwargs={"damping": 0.1}))
     with pytest.raises(ValueError, match="gSDE"):

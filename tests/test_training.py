@@ -111,10 +111,10 @@ def small_config(**kw) -> Config:
     return base.validate()
 
 
-def test_resume_gives_a_bit_identical_next_update(tmp_path):
-    trainer = Trainer(
-        small_config(momentum=0.9, normalize_obs=True), tmp_path / "a", progress=False
-    )
+@pytest.mark.parametrize("kl_clip_target", [None, 1e-9])
+def test_resume_gives_a_bit_identical_next_update(tmp_path, kl_clip_target):
+    cfg = small_config(momentum=0.9, normalize_obs=True, kl_clip_target=kl_clip_target)
+    trainer = Trainer(cfg, tmp_path / "a", progress=False)
     for _ in range(5):
         batch = trainer.collector.collect()
         trainer.timesteps += len(batch)
@@ -133,6 +133,9 @@ def test_resume_gives_a_bit_identical_next_update(tmp_path):
         assert torch.equal(p, q)
     assert resumed.normalizer.state_dict() == ckpt.load_checkpoint(path)["normalizer"]
     assert resumed.algo.optimizer.counters == trainer.algo.optimizer.counters
+    # an adapted trust-region radius is part of the state (a target this small shrinks it)
+    assert resumed.algo.optimizer.kl_clip == trainer.algo.optimizer.kl_clip
+    assert (trainer.algo.optimizer.kl_clip < cfg.kl_clip) == (kl_clip_target is not None)
     trainer.close()
     resumed.close()
 

@@ -25,7 +25,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import obs_as_tensor
 
-from rl_kfac.actor_critic import adapt_damping_to_kl
+from rl_kfac.actor_critic import adapt_damping_to_kl, adapt_kl_clip
 from rl_kfac.damping import KLDampingController
 from rl_kfac.diagnostics import log_diagnostics
 from rl_kfac.optimizer import KFAC
@@ -36,6 +36,7 @@ from rl_kfac.sb3.policies import (
     KFACPolicySetup,
     distribution_kl,
 )
+from rl_kfac.trust_region import KLClipController
 
 _POLICIES: dict[str, type[BasePolicy]] = {
     "MlpPolicy": KFACActorCriticPolicy,
@@ -72,6 +73,7 @@ PAPER: dict[str, Any] = {
     "vf_fisher_coef": 1.0,
     "damping_target_kl": None,
     "damping_kwargs": None,
+    "kl_clip_target": None,
 }
 
 
@@ -98,6 +100,7 @@ class _KFACTraining(_Algorithm):
     policy_class: type[BasePolicy]
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]]
     kl_damping: KLDampingController | None
+    kl_clip_control: KLClipController | None
 
     def __init__(
         self,
@@ -113,11 +116,12 @@ class _KFACTraining(_Algorithm):
         args = {**self.defaults, **kwargs, **self.forced}
         kfac = {k: args.pop(k) for k in KFAC_ARGS}
         target_kl, damping_kwargs = args.pop("damping_target_kl"), args.pop("damping_kwargs")
+        kl_clip_target = args.pop("kl_clip_target")
         args["policy_kwargs"] = self._kfac_policy_kwargs(
             args.pop("policy_kwargs", None), args.pop("vf_fisher_coef"), **kfac
         )
         super().__init__(policy, env, _init_setup_model=False, **args)
-        self._check_kfac_setup(target_kl, damping_kwargs)
+        self._check_kfac_setup(target_kl, damping_kwargs, kl_clip_target, kfac["kl_clip"])
         if _init_setup_model:
             self._setup_model()
 
@@ -155,7 +159,11 @@ class _KFACTraining(_Algorithm):
         return out
 
     def _check_kfac_setup(
-        self, damping_target_kl: float | None, damping_kwargs: dict[str, Any] | None
+        self,
+        damping_target_kl: float | None,
+        damping_kwargs: dict[str, Any] | None,
+        kl_clip_target: float | None,
+        kl_clip: float | None,
     ) -> None:
         if not issubclass(self.policy_class, KFACPolicySetup):
             names = ", ".join(f"'{n}'" for n in self.policy_aliases)
@@ -170,20 +178,31 @@ class _KFACTraining(_Algorithm):
             if damping_target_kl is None
             else KLDampingController(damping_target_kl, **(damping_kwargs or {}))
         )
+        self.kl_clip_control = None
+        if kl_clip_target is not None:
+            if kl_clip is None:
+                raise ValueError("kl_clip_target needs a kl_clip to adapt")
+            self.kl_clip_control = KLClipController(kl_clip_target, kl_clip)
 
     @contextmanager
     def _kfac_update(self) -> Iterator[None]:
-        """Around SB3's ``train()``: measure KL(π_old ‖ π_new), adapt damping, log ``kfac/*``."""
+        """Around SB3's ``train()``: measure KL(π_old ‖ π_new), adapt damping and the
+        trust-region radius, log ``kfac/*``."""
         optimizer = cast(KFAC, self.policy.optimizer)
         states, old = None, None
-        if self.kl_damping is not None:
+        if self.kl_damping is not None or self.kl_clip_control is not None:
             states = self._rollout_states()
             old = self._distributions(states)
         yield
-        if states is not None and old is not None and self.kl_damping is not None:
+        if states is not None and old is not None:
             new = self._distributions(states)
             kl = float(torch.cat([distribution_kl(p, q) for p, q in zip(old, new)]).mean())
-            adapt_damping_to_kl(optimizer, self.kl_damping, kl, self.lr_schedule(1.0))
+            if self.kl_damping is not None:
+                adapt_damping_to_kl(optimizer, self.kl_damping, kl, self.lr_schedule(1.0))
+            if self.kl_clip_control is not None:
+                self.logger.record(
+                    "kfac/kl_clip", adapt_kl_clip(optimizer, self.kl_clip_control, kl)
+                )
             self.logger.record("kfac/kl", kl)
         log_diagnostics(optimizer.diagnostics, self.logger.record)
 
@@ -233,6 +252,8 @@ class ACKTR(_KFACTraining, A2C):
     ``policy_kwargs["optimizer_kwargs"]``. ``vf_fisher_coef`` weighs the value head in the Fisher.
     ``damping_target_kl``: if set, the damping λ moves toward this KL(π_old ‖ π_new) after each
     update (:class:`rl_kfac.damping.KLDampingController`, options in ``damping_kwargs``).
+    ``kl_clip_target``: if set, the trust-region radius ``kl_clip`` moves toward this measured
+    KL after each update (:class:`rl_kfac.trust_region.KLClipController`).
 
     ``max_grad_norm`` defaults to ``inf``: while the trust region binds, clipping the gradient
     norm first does not change the step (the clip rescales ``g``, ``ν`` undoes it).

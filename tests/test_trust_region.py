@@ -1,0 +1,105 @@
+"""The trust-region radius controller: its rule, its state, and the closed loop in training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from agents.config import load_config
+from agents.trainer import Trainer
+from rl_kfac import KFAC
+from rl_kfac.trust_region import KLClipController
+
+
+def test_the_radius_leaves_the_band_multiplicatively_and_stays_in_bounds():
+    c = KLClipController(0.01, clip_max=0.1, factor=2.0, clip_min=1e-3)
+    assert c.update(0.02, 0.03, clipped=True) == 0.01  # kl > 2·target: shrink
+    assert c.update(0.02, 0.03, clipped=False) == 0.01  # whether or not the clip bound
+    assert c.update(0.02, 0.004, clipped=True) == 0.04  # kl < target/2 after a clipped step
+    assert c.update(0.02, 0.004, clipped=False) == 0.02  # an unclipped step: no wind-up
+    assert c.update(0.02, 0.01, clipped=True) == 0.02  # inside the band: kept
+    assert c.update(0.0015, 1.0, clipped=True) == 1e-3  # floor
+    assert c.update(0.08, 0.0, clipped=True) == 0.1  # ceiling
+    for bad in (math.nan, math.inf, -1.0):  # a skipped step measures nothing
+        assert c.update(0.02, bad, clipped=True) == 0.02
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"target_kl": 0.0, "clip_max": 0.1},
+        {"target_kl": math.nan, "clip_max": 0.1},
+        {"target_kl": 0.01, "clip_max": 0.1, "factor": 1.0},
+        {"target_kl": 0.01, "clip_max": 0.1, "clip_min": 0.2},
+        {"target_kl": 0.01, "clip_max": math.nan},
+        {"target_kl": 0.01, "clip_max": 0.1, "clip_min": 0.0},
+    ],
+)
+def test_bad_controller_arguments_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        KLClipController(**kwargs)
+
+
+def test_the_optimizer_keeps_a_set_radius_in_its_state_dict():
+    def make():
+        return KFAC(nn.Sequential(nn.Linear(3, 2)), lr=0.1, kl_clip=0.01)
+
+    opt = make()
+    opt.set_kl_clip(0.0025)
+    other = make()
+    other.load_state_dict(opt.state_dict())
+    assert other.kl_clip == 0.0025
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="kl_clip"):
+            opt.set_kl_clip(bad)
+    unclipped = KFAC(nn.Sequential(nn.Linear(3, 2)), lr=0.1, kl_clip=None)
+    with pytest.raises(ValueError, match="no trust region"):
+        unclipped.set_kl_clip(0.01)
+    unclipped.load_state_dict(opt.state_dict())  # no radius to restore: stays without one
+    assert unclipped.kl_clip is None
+
+
+@pytest.mark.parametrize(
+    "overrides", [["kl_clip_target=0.001", "kl_clip=null"], ["kl_clip_target=-1"]]
+)
+def test_configs_refuse_a_target_without_a_radius_to_adapt(overrides):
+    with pytest.raises(ValueError, match="kl_clip_target"):
+        load_config("configs/acktr/cartpole.yaml", overrides)
+
+
+def measured_kls(tmp_path, algo: str, overrides: list[str], updates: int = 100):
+    """Each update's KL(π_old ‖ π_new) as the agent measures it (closed-form Gaussian KL on the
+    batch, independent of K-FAC's model), and the radius after the last update."""
+    torch.set_num_threads(1)
+    cfg = load_config(
+        f"configs/{algo}/pendulum.yaml",
+        ["seed=3", "lr_schedule=constant", "damping_adaptation=none", *overrides],
+    )
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    kls = []
+    for _ in range(updates):
+        stats = trainer.algo.update(trainer.collector.collect(), 0.0)
+        kls.append(float(stats["train/approx_kl"]))
+        if cfg.kl_clip_target is not None:
+            assert float(stats["kfac/kl_clip"]) == trainer.algo.optimizer.kl_clip
+    trainer.close()
+    return kls, trainer.algo.optimizer.kl_clip
+
+
+@pytest.mark.parametrize("algo", ["acktr", "ppo_kfac"])
+def test_the_closed_loop_brings_the_measured_kl_to_the_target(tmp_path, algo):
+    """With a radius far too large for the target, a fixed radius overshoots the target KL
+    several-fold; the controller shrinks the radius until the measured KL sits near the target,
+    and never raises it above the configured one."""
+    target = 0.002
+    fixed, _ = measured_kls(tmp_path / "fixed", algo, ["kl_clip=0.3"])
+    kls, radius = measured_kls(
+        tmp_path / "adapted", algo, ["kl_clip=0.3", f"kl_clip_target={target}"]
+    )
+    assert np.median(fixed[-20:]) > 4 * target  # the problem is real here ...
+    assert target / 3 < np.median(kls[-20:]) < 3 * target, kls  # ... and the loop solves it
+    assert radius < 0.3 / 10
