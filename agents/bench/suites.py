@@ -150,7 +150,7 @@ def find_task(env: str) -> tuple[str, Task]:
 TUNED_ON: dict[str, range | None] = {
     "acktr/cartpole": range(3),
     "ppo_kfac/cartpole": range(3),
-    "acktr/acrobot": None,
+    "acktr/acrobot": range(3),
     "ppo_kfac/acrobot": None,
     "acktr/lunarlander": range(5),
     "ppo_kfac/lunarlander": range(5),
