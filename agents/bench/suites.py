@@ -155,7 +155,7 @@ TUNED_ON: dict[str, range | None] = {
     "acktr/lunarlander": range(5),
     "ppo_kfac/lunarlander": range(5),
     "acktr/pendulum": range(1),
-    "ppo_kfac/pendulum": None,
+    "ppo_kfac/pendulum": range(3),
     "acktr/halfcheetah": range(3),
     "ppo_kfac/halfcheetah": range(3),
     "acktr/hopper": range(3),
