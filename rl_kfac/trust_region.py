@@ -4,11 +4,11 @@ The clip bounds the step's KL *under K-FAC's model*: ``½ ΔᵀF̂Δ ≤ c/2``. 
 ``½ ΔᵀFΔ`` can be far larger, because the step ``F̂⁻¹g`` goes furthest exactly where ``F̂``
 underestimates ``F``: the Kronecker and block-diagonal approximations, and running-average
 factors that lag a policy whose output layer grows from its small initialisation. Measured with
-the exact Fisher on ACKTR's Hopper-v5 config (``scripts/kl_model_check.py``, first 100 updates,
-policy parameters only): model and truth agree at the first update, then part; the step's true
-quadratic KL was a median 93× the model's, and the measured KL agreed with the true quadratic to
-2 %. So the measured KL, not ``c``, says how far an update went; this controller
-moves ``c`` until the measured KL sits near a target.
+the exact Fisher on ACKTR's Hopper-v5 config at decay 0.99 (``scripts/kl_model_check.py``,
+first 100 updates, policy parameters only): model and truth agree at the first update, then
+part; the step's true quadratic KL was a median 93× the model's, and the measured KL agreed with
+the true quadratic to 2 %. So the measured KL, not ``c``, says how far an update went;
+this controller moves ``c`` until the measured KL sits near a target.
 
 The rule is the one OpenAI baselines' continuous-control ACKTR (``acktr_cont``, Wu et al. 2017)
 applies to its step size: outside the band ``[target/2, 2·target]`` the radius is multiplied or
