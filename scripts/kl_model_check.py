@@ -12,7 +12,8 @@ Trains the config (one torch thread) and, for each update, compares
 - the measured ``KL(π_θ ‖ π_{θ+Δ})`` on the batch (the agents' ``train/approx_kl``).
 
 The exact quadratic over the model is K-FAC's error in the direction it steps; the measured KL
-over the exact quadratic is how far the update left the quadratic regime. Momentum must be 0.
+over the exact quadratic is how far the update left the quadratic regime. ACKTR configs only
+(one step per update), with momentum 0 and no ``vf_steps`` (whose steps replace the gradient).
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def main() -> None:
     add_override_argument(parser, "override a config value, e.g. --set stat_decay=0.9")
     args = parser.parse_args()
     cfg = load_config(args.config, [*args.overrides, f"seed={args.seed}", "threads=1"])
-    if cfg.momentum != 0 or cfg.kl_clip is None:
-        parser.error("needs momentum 0 and a kl_clip (the model is read from the step)")
+    if cfg.algo != "acktr" or cfg.momentum != 0 or cfg.vf_steps or cfg.kl_clip is None:
+        parser.error(
+            "needs an ACKTR config with momentum 0, vf_steps 0 and a kl_clip (the model is read "
+            "from the update's one step)"
+        )
     torch.set_num_threads(1)
     trainer = Trainer(cfg, tempfile.mkdtemp(), progress=False)
     policy, algo = trainer.policy, trainer.algo
