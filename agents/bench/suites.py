@@ -159,7 +159,7 @@ TUNED_ON: dict[str, range | None] = {
     "acktr/halfcheetah": range(3),
     "ppo_kfac/halfcheetah": range(3),
     "acktr/hopper": range(3),
-    "ppo_kfac/hopper": None,
+    "ppo_kfac/hopper": range(3),
     "acktr/walker2d": range(3),
     "ppo_kfac/walker2d": range(1),
     "acktr/ant": None,
