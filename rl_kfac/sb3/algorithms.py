@@ -272,8 +272,8 @@ class PPOKFAC(_KFACTraining, PPO):
     **kwargs)`` takes SB3 PPO's arguments and the K-FAC ones of :class:`ACKTR`. Defaults
     (``PPOKFAC.defaults``): those of ``configs/ppo_kfac/hopper.yaml`` with KL damping in place
     of its fixed damping and ``kl_clip_target`` 0.02 (a test checks), a setting for continuous
-    control: 256-step rollouts in minibatches of 256, 4 epochs, ``gae_lambda``
-    0.95, no entropy bonus, ``kl_clip`` 0.01, momentum 0 and KL-based damping toward 0.003; the
+    control: 256-step rollouts in minibatches of 256, 4 epochs, ``gae_lambda`` 0.95, no entropy
+    bonus, ``kl_clip`` 0.01, momentum 0 and KL-based damping toward 0.003; the
     learning rate 0.25 is constant (the configs decay it linearly: ``"lin_0.25"`` in rl-zoo).
     Tuned settings per task: ``configs/zoo/ppo_kfac.yml`` (generated from ``configs/ppo_kfac/``).
     """
