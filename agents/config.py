@@ -108,6 +108,9 @@ class Config:
     cnn_last_filters: int = 32
     normalize_images: bool = True  # uint8 images / 255; off for grids of codes (MiniGrid)
     log_std_init: float = 0.0
+    # the Gaussian log-std preconditioned by its exact Fisher (2 per dimension: step g / (2 + λ))
+    # instead of taking the plain gradient
+    log_std_fisher: bool = False
     ortho_init: bool = True
     recurrent: Recurrent = "none"  # lstm | gru: a recurrent core after the encoder
     hidden_size: int = 64  # its width

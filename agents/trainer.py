@@ -137,7 +137,11 @@ class Trainer:
         if self.comm is not None:  # same initial weights everywhere, own action noise per rank
             self.comm.broadcast(list(self.policy.state_dict().values()), src=0)
             seed_everything(cfg.seed + self.rank)
-        self.algo = ALGORITHMS[cfg.algo](self.policy, cfg, self.comm)
+        try:
+            self.algo = ALGORITHMS[cfg.algo](self.policy, cfg, self.comm)
+        except ValueError:
+            self.envs.close()
+            raise
         assert obs_space.shape is not None
         self.normalizer = Normalizer(
             obs_space.shape, cfg.n_envs, cfg.gamma, cfg.normalize_obs, cfg.normalize_reward

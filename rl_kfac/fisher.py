@@ -11,6 +11,11 @@ expectation (Martens & Grosse 2015, §5; ACKTR, Wu et al. 2017, §3.1):
 - independent categoricals (MultiDiscrete): one categorical term per sub-action; the Fisher is
   block-diagonal over sub-actions and the losses add;
 - value head, Gauss-Newton (Gaussian with σ = 1):  N ∂L/∂v_n = −ε_n,  E = 1.
+
+A diagonal Gaussian's log-std needs no sampling: with z = ε/σ the score of log σ_i is z_i² − 1,
+so its Fisher is E[(z_i² − 1)²] = 2 per dimension, with no cross term between dimensions or to the
+mean (odd moments of z vanish). For a state-independent log-std this is exact for every batch
+(:data:`GAUSSIAN_LOG_STD_FISHER`, the ``fisher_diagonal`` of :class:`rl_kfac.optimizer.KFAC`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+GAUSSIAN_LOG_STD_FISHER = 2.0  # per-sample Fisher of N(μ, σ²) in each log σ_i: E[(z² − 1)²]
 
 
 def sample_categorical(logits: Tensor) -> Tensor:

@@ -50,7 +50,7 @@ class KFAC(Optimizer):
         model_or_params: an ``nn.Module`` (its ``nn.Linear``/``nn.Conv2d`` and recurrent layers
             are found now), or an iterable of parameters / parameter groups as for any torch
             optimizer (the layers owning them are found on the first forward pass;
-            Stable-Baselines3 passes these).
+            Stable-Baselines3 passes these). A group may set ``fisher_diagonal`` (see below).
         lr: learning rate η (per group).
         momentum: momentum ``m`` applied after the clip, in the exponential-average form of
             ACKTR's reference code: ``buf ← m·buf + ν v``, ``θ ← θ − lr (1−m) buf``, so momentum
@@ -100,9 +100,15 @@ class KFAC(Optimizer):
         communicator: a :class:`rl_kfac.distributed.Communicator` for data-parallel training:
             factors are averaged across ranks and eigendecompositions shared out (gradients are
             the caller's: :func:`rl_kfac.distributed.allreduce_gradients`). ``None``: one process.
+        model: with parameter groups as ``model_or_params``, the module owning exactly those
+            parameters: its layers are found now, as for a module given whole, and named by
+            their path in it (so checkpoints match those of ``KFAC(model)``).
 
     Parameters owned by no supported layer (e.g. a Gaussian policy's log-std, depthwise convs)
-    get the plain gradient, and that gradient counts in the trust-region clip.
+    get the plain gradient, and that gradient counts in the trust-region clip, unless their
+    group sets ``fisher_diagonal=f``: a Fisher known to be ``f·I`` for them, with no cross term
+    to the other parameters, preconditions them exactly as ``v = g / (f + λ)`` (e.g.
+    :data:`rl_kfac.fisher.GAUSSIAN_LOG_STD_FISHER` for a state-independent log-std).
 
     ``state_dict()`` holds, besides torch's ``param_groups``: per layer weight the running
     factors ``A``, ``G`` and their eigendecompositions ``eA, QA, eG, QG`` and ``pi``; per
@@ -130,6 +136,7 @@ class KFAC(Optimizer):
         statistics_rows: int | None = None,
         inverse_mode: InverseMode = "sync",
         host_sync: HostSync = "auto",
+        model: nn.Module | None = None,
     ) -> None:
         _check(0 < lr <= MAX_LR, f"lr must be in (0, {MAX_LR:g}], got {lr}")
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
@@ -168,10 +175,11 @@ class KFAC(Optimizer):
             f"statistics_rows must be an int >= 1 or None, got {statistics_rows}",
         )
 
-        model = model_or_params if isinstance(model_or_params, nn.Module) else None
-        params: Any = (
-            [p for p in model.parameters() if p.requires_grad] if model else model_or_params
-        )
+        params: Any = model_or_params
+        if isinstance(model_or_params, nn.Module):
+            _check(model is None, "model= goes with parameter groups only")
+            model = model_or_params
+            params = [p for p in model.parameters() if p.requires_grad]
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -179,6 +187,16 @@ class KFAC(Optimizer):
             "weight_decay": weight_decay,
         }
         super().__init__(params, defaults)
+        if model is not None:
+            given = {id(p) for g in self.param_groups for p in g["params"]}
+            owned = {id(p) for p in model.parameters() if p.requires_grad}
+            _check(given == owned, "model= must own exactly the optimizer's parameters")
+        for group in self.param_groups:
+            f = group.get("fisher_diagonal")
+            _check(
+                f is None or (isinstance(f, (int, float)) and 0 < f < math.inf),
+                f"fisher_diagonal must be > 0 and finite, or None, got {f}",
+            )
         self.stat_decay = stat_decay
         self.kl_clip = kl_clip
         self.factor_update_interval = factor_update_interval
@@ -378,8 +396,12 @@ class KFAC(Optimizer):
             grads = [g for p in plain if (g := p.grad) is not None]
             if wd:
                 grads = list(torch._foreach_add(grads, plain, alpha=wd))
-            sq = torch._foreach_norm(grads)
-            quad = quad + torch.stack(sq).to(quad.dtype).square().sum()
+            sq = torch.stack(torch._foreach_norm(grads)).to(quad.dtype).square().sum()
+            fisher = group.get("fisher_diagonal")
+            if fisher is not None:  # F = f·I exactly: v = g / (f + λ), ⟨v, g⟩ = |g|² / (f + λ)
+                grads = list(torch._foreach_div(grads, fisher + damping))
+                sq = sq / (fisher + damping)
+            quad = quad + sq
             params += plain
             dirs += grads
         return (params, dirs), quad

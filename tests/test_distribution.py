@@ -9,6 +9,7 @@ import torch
 from torch.distributions import Bernoulli, Categorical, Independent, Normal, kl_divergence
 
 from agents import distributions as ours
+from rl_kfac.fisher import GAUSSIAN_LOG_STD_FISHER
 
 
 def test_categorical_matches_torch_distributions():
@@ -37,6 +38,28 @@ def test_diagonal_gaussian_matches_torch_distributions():
     torch.testing.assert_close(mine.entropy(), ref.entropy())
     torch.testing.assert_close(mine.kl(other), kl_divergence(ref, ref_other))
     assert torch.equal(mine.mode(), mean)
+
+
+def test_log_std_fisher_is_the_exact_fisher_of_a_normal():
+    """E[-∇² log N(x; μ, e^s)] over x by Gauss-Hermite quadrature, from torch.distributions:
+    2 on each log-std, no cross term to the mean or between dimensions, 1/σ² on the mean."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(40)  # ∫ f(z) e^{-z²/2}: exact to deg 79
+    weights = weights / weights.sum()
+    mean, log_std = torch.tensor([0.3, -1.0]), torch.tensor([-0.5, 0.7])
+    theta = torch.cat([mean, log_std]).double()
+
+    def log_prob(t, x):
+        return Normal(t[:2], t[2:].exp()).log_prob(x).sum()
+
+    fisher = torch.zeros(4, 4, dtype=torch.float64)
+    for z1, w1 in zip(nodes, weights):
+        for z2, w2 in zip(nodes, weights):
+            x = theta[:2] + theta[2:].exp() * torch.tensor([z1, z2], dtype=torch.float64)
+            hess = torch.autograd.functional.hessian(lambda t, x=x: log_prob(t, x), theta)
+            fisher -= w1 * w2 * hess
+    expected = torch.diag(torch.cat([(-2 * theta[2:]).exp(), torch.full((2,), 2.0).double()]))
+    torch.testing.assert_close(fisher, expected, atol=1e-9, rtol=1e-9)
+    assert fisher[2, 2].item() == pytest.approx(GAUSSIAN_LOG_STD_FISHER, rel=1e-9)
 
 
 def test_independent_categoricals_match_torch_distributions():

@@ -197,6 +197,26 @@ def test_invalid_arguments_raise_value_error(kwargs):
         KFAC(net(), **kwargs)
 
 
+@pytest.mark.parametrize("value", [0.0, -2.0, float("inf"), float("nan"), "2"])
+def test_invalid_fisher_diagonal_raises_value_error(value):
+    model = net()
+    *rest, last = model.parameters()
+    with pytest.raises(ValueError, match="fisher_diagonal"):
+        KFAC([{"params": rest}, {"params": [last], "fisher_diagonal": value}])
+
+
+def test_model_must_own_exactly_the_parameters():
+    model, extra = net(), torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="model= must own exactly"):
+        KFAC([*model.parameters(), extra], model=model)
+    with pytest.raises(ValueError, match="model= must own exactly"):
+        KFAC(list(model.parameters())[1:], model=model)
+    with pytest.raises(ValueError, match="model= goes with parameter groups"):
+        KFAC(model, model=model)
+    named = KFAC([{"params": list(model.parameters())}], model=model)
+    assert [b.name for b in named.blocks] == [b.name for b in KFAC(model).blocks]
+
+
 def test_statistics_only_inside_the_context():
     torch.manual_seed(5)
     model = net()

@@ -289,13 +289,17 @@ def test_conv_padding_modes_and_same_padding(padding_mode):
     torch.testing.assert_close(opt.state[conv.weight]["A"], rows.T @ rows / rows.shape[0])
 
 
-def test_trust_region_clip_scales_the_whole_step_including_plain_params():
+@pytest.mark.parametrize("fisher_diagonal", [None, 2.0])
+def test_trust_region_clip_scales_the_whole_step_including_plain_params(fisher_diagonal):
+    """A parameter owned by no layer takes the plain gradient, or with ``fisher_diagonal=f`` in
+    its group the exact solve against f·I + λI; either way it counts in ν."""
     torch.manual_seed(5)
     model = MLP(False)
     log_scale = nn.Parameter(torch.tensor([0.3, -0.2, 0.1, 0.0]))  # owned by no layer
     kl_clip = 1e-4
     params = [*model.parameters(), log_scale]
-    opt = exact_opts(params, kl_clip=kl_clip)
+    groups = [{"params": params[:-1]}, {"params": [log_scale], "fisher_diagonal": fisher_diagonal}]
+    opt = exact_opts(groups, kl_clip=kl_clip)
     x = torch.randn(32, 5)
     targets, labels = torch.randint(0, 4, (32,)), torch.randint(0, 4, (32,))
 
@@ -315,7 +319,10 @@ def test_trust_region_clip_scales_the_whole_step_including_plain_params():
         v = damped_solve_exact(a_f, g_f, m, DAMPING)
         vs.append(v)
         quad += float((v * m).sum())
-    quad += float(grads[-1].pow(2).sum())
+    v_plain = grads[-1]
+    if fisher_diagonal:  # the damped Fisher (f + λ)·I of this block, solved densely
+        v_plain = torch.linalg.solve(torch.eye(4) * (fisher_diagonal + DAMPING), grads[-1])
+    quad += float(v_plain @ grads[-1])
     nu = min(1.0, (kl_clip / (LR**2 * quad)) ** 0.5)
     assert nu < 0.5, "the test needs an active clip"
 
@@ -331,7 +338,7 @@ def test_trust_region_clip_scales_the_whole_step_including_plain_params():
     for i in range(3):
         got = layer_matrix(deltas[2 * i], deltas[2 * i + 1])
         torch.testing.assert_close(got, -LR * nu * vs[i], rtol=1e-7, atol=1e-10)
-    torch.testing.assert_close(deltas[-1], -LR * nu * grads[-1], rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(deltas[-1], -LR * nu * v_plain, rtol=1e-7, atol=1e-12)
     assert opt.diagnostics.step_scale == pytest.approx(nu, rel=1e-9)
     assert opt.diagnostics.quadratic == pytest.approx(quad, rel=1e-9)
 

@@ -14,6 +14,7 @@ from agents import checkpoint as ckpt
 from agents.cli import evaluate_main, train_main
 from agents.config import Config, load_config
 from agents.trainer import Trainer, trainer_from_checkpoint
+from rl_kfac.fisher import GAUSSIAN_LOG_STD_FISHER
 
 CARTPOLE = "configs/acktr/cartpole.yaml"
 
@@ -69,6 +70,7 @@ def test_every_shipped_config_is_valid():
         (["--set", "env_id=TupleActionToy-v0"], "unsupported action space"),
         (["--set", "bogus=1"], "unknown config key(s) ['bogus']"),
         (["--set", "kl_clip=0"], "kl_clip must be > 0"),
+        (["--set", "log_std_fisher=true"], "log_std_fisher needs a Gaussian policy"),
     ],
 )
 def test_cli_rejects_bad_input_before_writing_anything(tmp_path, capsys, args, message):
@@ -213,6 +215,10 @@ def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
         ("configs/acktr/pendulum.yaml", ["n_envs=2", "n_steps=16", "total_timesteps=96"]),
         ("configs/ppo_kfac/pendulum.yaml", ["n_envs=2", "n_steps=16", "total_timesteps=96"]),
         (
+            "configs/acktr/pendulum.yaml",
+            ["n_envs=2", "n_steps=16", "total_timesteps=96", "log_std_fisher=true"],
+        ),
+        (
             "configs/acktr/pong.yaml",
             [
                 "n_envs=2",
@@ -251,6 +257,12 @@ def test_continuous_and_atari_configs_run(tmp_path, config, overrides):
         assert isinstance(space, gym.spaces.Box)
         assert trainer.policy.log_std is not None
         assert trainer.policy.log_std.grad is not None  # plain-gradient parameter in the step
+        last = trainer.algo.optimizer.param_groups[-1]
+        if cfg.log_std_fisher:  # in a group of its own, preconditioned by its exact Fisher
+            assert last["params"] == [trainer.policy.log_std]
+            assert last["fisher_diagonal"] == GAUSSIAN_LOG_STD_FISHER
+        else:
+            assert "fisher_diagonal" not in last
 
 
 @pytest.mark.slow
@@ -279,6 +291,7 @@ def test_config_reaches_every_kfac_argument_it_names():
     # the rest are set by the agents themselves (lr by the schedule) or fixed
     assert set(params) - set(KFAC_KEYS) == {
         "model_or_params",
+        "model",  # the policy, with the parameter groups
         "lr",
         "communicator",
         "factor_dtype",
