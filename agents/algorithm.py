@@ -4,7 +4,6 @@ trust-region adaptation from each update's measured KL."""
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -13,10 +12,9 @@ from agents.config import Config
 from agents.networks import ActorCritic
 from agents.rollout import Batch
 from rl_kfac import KFAC
-from rl_kfac.actor_critic import adapt_damping_to_kl, adapt_kl_clip
+from rl_kfac.actor_critic import adapt_damping_to_kl, adapt_kl_clip, kfac_param_groups
 from rl_kfac.damping import KLDampingController, LevenbergMarquardt
 from rl_kfac.distributed import Communicator, allreduce_gradients, average_scalar
-from rl_kfac.fisher import GAUSSIAN_LOG_STD_FISHER
 from rl_kfac.trust_region import KLClipController
 
 Stats = dict[str, float | Tensor]
@@ -42,19 +40,6 @@ def normalize(advantages: Tensor) -> Tensor:
     return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
 
-def _param_groups(policy: ActorCritic, log_std_fisher: bool) -> list[dict[str, Any]]:
-    """One group; with ``log_std_fisher`` the Gaussian log-std in a group of its own whose exact
-    Fisher preconditions it (:data:`rl_kfac.fisher.GAUSSIAN_LOG_STD_FISHER`)."""
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if not log_std_fisher:
-        return [{"params": params}]
-    log_std = policy.log_std
-    if log_std is None:
-        raise ValueError("log_std_fisher needs a Gaussian policy (Box actions); this one has none")
-    rest = [p for p in params if p is not log_std]
-    return [{"params": rest}, {"params": [log_std], "fisher_diagonal": GAUSSIAN_LOG_STD_FISHER}]
-
-
 class KFACAlgorithm:
     """Base of our agents: ``update(batch, progress)`` runs one update and returns log scalars.
 
@@ -75,10 +60,12 @@ class KFACAlgorithm:
                 stacklevel=2,
             )
             kfac["inverse_mode"] = "sync"
-        self.optimizer = KFAC(
-            _param_groups(policy, cfg.log_std_fisher), lr=cfg.lr, communicator=comm, model=policy,
-            **kfac,
-        )  # fmt: skip
+        if cfg.log_std_fisher and policy.log_std is None:
+            raise ValueError(
+                "log_std_fisher needs a Gaussian policy (Box actions); this one has none"
+            )
+        groups = kfac_param_groups(policy, policy.log_std if cfg.log_std_fisher else None)
+        self.optimizer = KFAC(groups, lr=cfg.lr, communicator=comm, model=policy, **kfac)
         self.kl_damping = (
             KLDampingController(
                 cfg.damping_target_kl,

@@ -1,5 +1,7 @@
 """The RL layer that our agents (``agents/``) and the Stable-Baselines3 classes share.
 
+- The parameter groups of an actor-critic network (:func:`kfac_param_groups`): the Gaussian
+  log-std, optionally, preconditioned by its exact Fisher.
 - The Fisher loss of an actor-critic network: the policy's sampled-Fisher loss plus
   ``vf_fisher_coef`` times the value head's Gauss-Newton term (:mod:`rl_kfac.fisher`; ACKTR,
   Wu et al. 2017, §3.1), back-propagated by :func:`record_fisher` only when statistics are due.
@@ -15,13 +17,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from rl_kfac.damping import KLDampingController, LevenbergMarquardt
-from rl_kfac.fisher import value_fisher_loss
+from rl_kfac.fisher import GAUSSIAN_LOG_STD_FISHER, value_fisher_loss
 from rl_kfac.optimizer import KFAC
 from rl_kfac.trust_region import KLClipController
+
+
+def kfac_param_groups(module: nn.Module, log_std: Tensor | None) -> list[dict[str, Any]]:
+    """``module``'s trainable parameters as one group; with ``log_std`` (a state-independent
+    Gaussian log-std of ``module``) that one in a group of its own, preconditioned by its exact
+    Fisher :data:`~rl_kfac.fisher.GAUSSIAN_LOG_STD_FISHER` instead of taking the plain gradient.
+    Build the optimizer with ``KFAC(groups, model=module)``."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if log_std is None:
+        return [{"params": params}]
+    if not any(p is log_std for p in params):
+        raise ValueError("log_std must be a trainable parameter of the module")
+    rest = [p for p in params if p is not log_std]
+    return [{"params": rest}, {"params": [log_std], "fisher_diagonal": GAUSSIAN_LOG_STD_FISHER}]
 
 
 def actor_critic_fisher_loss(policy_loss: Tensor, values: Tensor, vf_fisher_coef: float) -> Tensor:

@@ -152,6 +152,9 @@ def assert_state_equal(a: dict, b: dict) -> None:
         lambda env: ACKTR("MlpPolicy", env, n_steps=8, seed=0, damping_target_kl=0.01),
         lambda env: ACKTR("MlpPolicy", env, n_steps=8, seed=0, kl_clip=0.1, kl_clip_target=1e-6),
         lambda env: PPOKFAC("MlpPolicy", env, seed=0, **SMALL[PPOKFAC]),
+        lambda env: PPOKFAC(
+            "MlpPolicy", env, seed=0, policy_kwargs=dict(log_std_fisher=True), **SMALL[PPOKFAC]
+        ),
         lambda env: PPO(
             "MlpPolicy",
             env,
@@ -163,7 +166,7 @@ def assert_state_equal(a: dict, b: dict) -> None:
             seed=0,
         ),
     ],
-    ids=["acktr", "acktr-kl_clip_target", "ppo_kfac", "ppo+KFAC"],
+    ids=["acktr", "acktr-kl_clip_target", "ppo_kfac", "ppo_kfac-log_std_fisher", "ppo+KFAC"],
 )
 def test_save_load_round_trip_restores_factors_and_continues_identically(make, tmp_path):
     env = env_for("box")
@@ -177,6 +180,10 @@ def test_save_load_round_trip_restores_factors_and_continues_identically(make, t
         model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0]
     )
     assert_state_equal(model.policy.optimizer.state_dict(), loaded.policy.optimizer.state_dict())
+    if getattr(model.policy, "log_std_fisher", False):  # the log-std in a group of its own
+        for policy in (model.policy, loaded.policy):
+            last = policy.optimizer.param_groups[-1]
+            assert last["params"] == [policy.log_std] and last["fisher_diagonal"] == 2.0
     kl_clip = model.policy.optimizer.kl_clip
     if getattr(model, "kl_clip_control", None) is not None:  # a target this small shrank it
         assert kl_clip < 0.1 and model.logger.name_to_value["kfac/kl_clip"] == kl_clip
@@ -214,6 +221,8 @@ def test_invalid_setups_fail_before_training():
         ACKTR("MlpPolicy", env, kl_clip=None, kl_clip_target=0.01)
     with pytest.raises(ValueError, match="optimizer_kwargs"):
         ACKTR("MlpPolicy", env, policy_kwargs=dict(optimizer_kwargs={"damping": 0.1}))
+    with pytest.raises(ValueError, match="log_std_fisher needs a Gaussian policy"):
+        ACKTR("MlpPolicy", env, policy_kwargs=dict(log_std_fisher=True))
     with pytest.raises(ValueError, match="gSDE"):
         PPOKFAC("MlpPolicy", env_for("box"), use_sde=True)
     with pytest.raises(ValueError, match="Discrete, MultiDiscrete, MultiBinary and Box"):

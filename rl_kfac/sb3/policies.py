@@ -25,9 +25,9 @@ from stable_baselines3.common.distributions import (
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import Schedule
-from torch import Tensor
+from torch import Tensor, nn
 
-from rl_kfac.actor_critic import record_fisher
+from rl_kfac.actor_critic import kfac_param_groups, record_fisher
 from rl_kfac.fisher import bernoulli_fisher_loss, categorical_fisher_loss, gaussian_fisher_loss
 from rl_kfac.optimizer import KFAC
 
@@ -68,10 +68,12 @@ def distribution_kl(old: Distribution, new: Distribution) -> Tensor:
 
 class KFACPolicySetup:
     """What every K-FAC policy adds to its SB3 policy class (a mixin placed before it): the
-    arguments ``vf_fisher_coef``, ``optimizer_class`` (KFAC or a subclass) and
-    ``optimizer_kwargs``, checked, and K-FAC built on the policy module itself (layers known up
-    front, no discovery hook) right after SB3's networks exist. SB3's ``_build`` hands the
-    optimizer a parameter iterator; it gets a placeholder SGD, replaced at once."""
+    arguments ``vf_fisher_coef``, ``log_std_fisher`` (the Gaussian log-std preconditioned by its
+    exact Fisher, :func:`rl_kfac.actor_critic.kfac_param_groups`), ``optimizer_class`` (KFAC or a
+    subclass) and ``optimizer_kwargs``, checked, and K-FAC built on the policy module itself
+    (layers known up front, no discovery hook) right after SB3's networks exist. SB3's
+    ``_build`` hands the optimizer a parameter iterator; it gets a placeholder SGD, replaced at
+    once."""
 
     optimizer: torch.optim.Optimizer  # the KFAC instance (SB3's BaseModel types it so)
     optimizer_class: type[torch.optim.Optimizer]
@@ -84,6 +86,7 @@ class KFACPolicySetup:
         lr_schedule: Schedule,
         *args: Any,
         vf_fisher_coef: float = 1.0,
+        log_std_fisher: bool = False,
         optimizer_class: type[KFAC] = KFAC,
         optimizer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
@@ -112,8 +115,13 @@ class KFACPolicySetup:
         )
         if getattr(self, "use_sde", False):
             raise ValueError("K-FAC policies do not support gSDE (use_sde=True)")
+        log_std = getattr(self, "log_std", None) if log_std_fisher else None
+        if log_std_fisher and not isinstance(log_std, nn.Parameter):
+            raise ValueError("log_std_fisher needs a Gaussian policy (Box actions)")
+        self.log_std_fisher = log_std_fisher
         self.optimizer_class, self.optimizer_kwargs = optimizer_class, kfac_kwargs
-        self.optimizer = optimizer_class(self, lr=lr_schedule(1), **kfac_kwargs)  # type: ignore[arg-type]
+        groups = kfac_param_groups(self, log_std)  # type: ignore[arg-type]
+        self.optimizer = optimizer_class(groups, lr=lr_schedule(1), model=self, **kfac_kwargs)  # type: ignore[arg-type]
 
     @property
     def kfac(self) -> KFAC:
@@ -122,7 +130,7 @@ class KFACPolicySetup:
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         own = super()._get_constructor_parameters()  # type: ignore[misc]
-        return {**own, "vf_fisher_coef": self.vf_fisher_coef}
+        return {**own, "vf_fisher_coef": self.vf_fisher_coef, "log_std_fisher": self.log_std_fisher}
 
     def record_statistics(
         self, distribution: Distribution, values: Tensor, rows: Tensor | None = None
@@ -142,7 +150,8 @@ class KFACActorCriticPolicy(KFACPolicySetup, ActorCriticPolicy):
     Same networks and arguments as SB3's ``ActorCriticPolicy``, plus ``vf_fisher_coef`` (weight
     of the value head's Gauss-Newton term in the Fisher loss). ``optimizer_kwargs`` go to
     :class:`~rl_kfac.KFAC`, which is built on the policy module itself (every ``nn.Linear`` /
-    ``nn.Conv2d`` is a Kronecker block; the Gaussian log-std gets the plain gradient).
+    ``nn.Conv2d`` is a Kronecker block; the Gaussian log-std gets the plain gradient, or with
+    ``log_std_fisher=True`` its exact Fisher).
     Supported action spaces: Discrete, MultiDiscrete, MultiBinary, Box (no gSDE).
     """
 
