@@ -161,7 +161,7 @@ TUNED_ON: dict[str, range | None] = {
     "acktr/hopper": range(3),
     "ppo_kfac/hopper": range(3),
     "acktr/walker2d": range(3),
-    "ppo_kfac/walker2d": range(1),
+    "ppo_kfac/walker2d": range(3),
     "acktr/ant": None,
     "ppo_kfac/ant": None,
     "acktr/pong": None,
