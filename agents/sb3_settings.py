@@ -99,6 +99,8 @@ def _policy_kwargs(cfg: Config) -> str | None:
         parts.append("activation_fn=nn.ReLU")
     if cfg.log_std_init != 0.0:
         parts.append(f"log_std_init={cfg.log_std_init:g}")
+    if cfg.log_std_fisher:
+        parts.append("log_std_fisher=True")
     if not cfg.ortho_init:
         parts.append("ortho_init=False")
     if not cfg.normalize_images:
