@@ -60,11 +60,7 @@ class KFACAlgorithm:
                 stacklevel=2,
             )
             kfac["inverse_mode"] = "sync"
-        if cfg.log_std_fisher and policy.log_std is None:
-            raise ValueError(
-                "log_std_fisher needs a Gaussian policy (Box actions); this one has none"
-            )
-        groups = kfac_param_groups(policy, policy.log_std if cfg.log_std_fisher else None)
+        groups = kfac_param_groups(policy, policy.log_std, cfg.log_std_fisher)
         self.optimizer = KFAC(groups, lr=cfg.lr, communicator=comm, model=policy, **kfac)
         self.kl_damping = (
             KLDampingController(

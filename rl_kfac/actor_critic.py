@@ -27,14 +27,18 @@ from rl_kfac.optimizer import KFAC
 from rl_kfac.trust_region import KLClipController
 
 
-def kfac_param_groups(module: nn.Module, log_std: Tensor | None) -> list[dict[str, Any]]:
-    """``module``'s trainable parameters as one group; with ``log_std`` (a state-independent
-    Gaussian log-std of ``module``) that one in a group of its own, preconditioned by its exact
-    Fisher :data:`~rl_kfac.fisher.GAUSSIAN_LOG_STD_FISHER` instead of taking the plain gradient.
-    Build the optimizer with ``KFAC(groups, model=module)``."""
+def kfac_param_groups(
+    module: nn.Module, log_std: Tensor | None, log_std_fisher: bool
+) -> list[dict[str, Any]]:
+    """``module``'s trainable parameters as one group; with ``log_std_fisher`` its
+    state-independent Gaussian log-std ``log_std`` in a group of its own, preconditioned by its
+    exact Fisher :data:`~rl_kfac.fisher.GAUSSIAN_LOG_STD_FISHER` instead of taking the plain
+    gradient. Build the optimizer with ``KFAC(groups, model=module)``."""
     params = [p for p in module.parameters() if p.requires_grad]
-    if log_std is None:
+    if not log_std_fisher:
         return [{"params": params}]
+    if log_std is None:
+        raise ValueError("log_std_fisher needs a Gaussian policy (Box actions); this one has none")
     if not any(p is log_std for p in params):
         raise ValueError("log_std must be a trainable parameter of the module")
     rest = [p for p in params if p is not log_std]

@@ -25,7 +25,7 @@ from stable_baselines3.common.distributions import (
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import Schedule
-from torch import Tensor, nn
+from torch import Tensor
 
 from rl_kfac.actor_critic import kfac_param_groups, record_fisher
 from rl_kfac.fisher import bernoulli_fisher_loss, categorical_fisher_loss, gaussian_fisher_loss
@@ -115,12 +115,10 @@ class KFACPolicySetup:
         )
         if getattr(self, "use_sde", False):
             raise ValueError("K-FAC policies do not support gSDE (use_sde=True)")
-        log_std = getattr(self, "log_std", None) if log_std_fisher else None
-        if log_std_fisher and not isinstance(log_std, nn.Parameter):
-            raise ValueError("log_std_fisher needs a Gaussian policy (Box actions)")
         self.log_std_fisher = log_std_fisher
         self.optimizer_class, self.optimizer_kwargs = optimizer_class, kfac_kwargs
-        groups = kfac_param_groups(self, log_std)  # type: ignore[arg-type]
+        log_std = getattr(self, "log_std", None)  # SB3 has it on Gaussian policies only
+        groups = kfac_param_groups(self, log_std, log_std_fisher)  # type: ignore[arg-type]
         self.optimizer = optimizer_class(groups, lr=lr_schedule(1), model=self, **kfac_kwargs)  # type: ignore[arg-type]
 
     @property
