@@ -222,6 +222,7 @@ class Trainer:
 
     def save(self, name: str = "last.pt") -> Path:
         path = self.run_dir / name
+        self.algo.optimizer.synchronize()  # every rank: none may leave with an all-reduce pending
         if self.rank == 0:  # all ranks hold the same weights and optimizer state
             if self.episode_log is not None:  # every episode up to the checkpoint is on disk
                 self.episode_log.flush()
@@ -311,6 +312,7 @@ class Trainer:
                 **provenance(),
             }
             (self.run_dir / "result.json").write_text(json.dumps(summary, indent=1))
+        self._barrier()  # the ranks leave together, after rank 0's last write
         return result
 
     def _barrier(self) -> None:

@@ -472,9 +472,14 @@ class KFAC(Optimizer):
     def _warn_once(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)
 
-    def _finish_pending(self) -> None:
-        """Fold in the cross-rank average and swap in the background eigendecomposition in
-        flight: at the next step they would be, and nothing happens in between."""
+    def synchronize(self) -> None:
+        """Finish the work in flight: fold in the cross-rank factor average and swap in the
+        background eigendecomposition, as the next step would (nothing happens in between).
+
+        With a communicator, call it on every rank before leaving the process group: an
+        all-reduce left pending would be torn down with the interpreter, and gloo's teardown of
+        it can abort the process (SIGABRT).
+        """
         self._factors.finish()
         self._warn_eig_failures(self._curvature.finish())
 
@@ -488,7 +493,7 @@ class KFAC(Optimizer):
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        self._finish_pending()
+        self.synchronize()
         sd = super().state_dict()
         sd["kfac"] = {k: torch.tensor(v) for k, v in self.counters.items()}  # settles them
         if self.kl_clip is not None:  # a controller may have moved it
@@ -496,7 +501,7 @@ class KFAC(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._finish_pending()  # nothing in flight may land on the loaded state
+        self.synchronize()  # nothing in flight may land on the loaded state
         state_dict = dict(state_dict)
         counters = state_dict.pop("kfac", None)
         super().load_state_dict(state_dict)
@@ -515,7 +520,7 @@ class KFAC(Optimizer):
         self._curvature.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
-        self._finish_pending()  # before torch copies ``state``: it must hold the results
+        self.synchronize()  # before torch copies ``state``: it must hold the results
         state = super().__getstate__()
         state.update({k: v for k, v in self.__dict__.items() if k not in state})
         return state

@@ -239,10 +239,16 @@ def _rank_environment(rank: int, port: int) -> None:
 
 
 def _save_rank(trainer, path: Path) -> None:
-    """A rank's parameters, optimizer state and steps, then leave the process group."""
+    """A rank's parameters, optimizer state and steps, then leave the process group.
+
+    ``in_flight``: whether the run left a factor all-reduce pending on this rank (read before
+    ``state_dict``, which waits for it); leaving the group so can abort the process at exit.
+    """
+    in_flight = trainer.algo.optimizer._factors._pending is not None
     state = trainer.algo.optimizer.state_dict()["state"]
     params = list(trainer.policy.parameters())
-    torch.save({"params": params, "state": state, "steps": trainer.timesteps}, path)
+    result = {"params": params, "state": state, "steps": trainer.timesteps, "in_flight": in_flight}
+    torch.save(result, path)
     shutdown()
 
 
@@ -290,6 +296,7 @@ def test_training_on_two_ranks_keeps_them_identical_and_resumes(tmp_path):
     assert run_workers(trainer_worker, free_port(), str(tmp_path), False) == [0, 0]
     results = rank_results(tmp_path)
     assert [r["steps"] for r in results] == [3200, 3200]  # 4 envs x 20 steps x 2 ranks / update
+    assert [r["in_flight"] for r in results] == [False, False]
     assert_ranks_identical(results)
     files = sorted(p.name for p in (tmp_path / "run").iterdir())  # rank 0 alone writes
     assert files[:2] == ["config.yaml", "episodes.csv"]
@@ -311,6 +318,7 @@ def test_recurrent_training_on_two_ranks_keeps_them_identical(tmp_path):
     assert run_workers(recurrent_worker, free_port(), str(tmp_path)) == [0, 0]
     results = rank_results(tmp_path)
     assert [r["steps"] for r in results] == [1024, 1024]
+    assert [r["in_flight"] for r in results] == [False, False]
     assert_ranks_identical(results)
     assert any("A" in state for state in results[0]["state"].values())
 
