@@ -194,7 +194,8 @@ class KFAC(Optimizer):
         for group in self.param_groups:
             f = group.get("fisher_diagonal")
             _check(
-                f is None or (isinstance(f, (int, float)) and 0 < f < math.inf),
+                f is None
+                or (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < math.inf),
                 f"fisher_diagonal must be > 0 and finite, or None, got {f}",
             )
         self.stat_decay = stat_decay

@@ -197,7 +197,7 @@ def test_invalid_arguments_raise_value_error(kwargs):
         KFAC(net(), **kwargs)
 
 
-@pytest.mark.parametrize("value", [0.0, -2.0, float("inf"), float("nan"), "2"])
+@pytest.mark.parametrize("value", [0.0, -2.0, float("inf"), float("nan"), "2", True])
 def test_invalid_fisher_diagonal_raises_value_error(value):
     model = net()
     *rest, last = model.parameters()
