@@ -40,6 +40,15 @@ def normalize(advantages: Tensor) -> Tensor:
     return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
 
+def explained_variance(values: Tensor, returns: Tensor) -> Tensor:
+    """``1 − Var(returns − values) / Var(returns)``, as SB3 logs it: 1 for a critic that predicts
+    the returns, 0 for one no better than their mean, negative for worse; NaN when the returns
+    do not vary."""
+    var = returns.var(unbiased=False)
+    ratio = (returns - values).var(unbiased=False) / var
+    return torch.where(var > 0, 1.0 - ratio, torch.full_like(var, float("nan")))  # no host read
+
+
 class KFACAlgorithm:
     """Base of our agents: ``update(batch, progress)`` runs one update and returns log scalars.
 

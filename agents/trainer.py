@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from agents.acktr import ACKTR
-from agents.algorithm import KFACAlgorithm, Stats
+from agents.algorithm import KFACAlgorithm, Stats, explained_variance
 from agents.checkpoint import (
     load_checkpoint,
     restore,
@@ -268,7 +268,9 @@ class Trainer:
                     if self.updates % cfg.log_interval == 0:
                         release_free_heap()  # every rank: fragmentation would read as a leak
                         if self.writer is not None:
-                            self._log(self.writer, stats, fps)
+                            # the critic as it was when the rollout was collected, as SB3 logs it
+                            ev = explained_variance(batch.values, batch.returns)
+                            self._log(self.writer, {**stats, "train/explained_variance": ev}, fps)
                     bar.update(steps)
                     if self.collector.episode_returns:
                         ep = float(np.mean(self.collector.episode_returns))

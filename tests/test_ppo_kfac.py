@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from agents.algorithm import explained_variance
 from agents.config import load_config
 from agents.ppo_kfac import clipped_surrogate, normalize, value_loss
 from agents.trainer import Trainer
@@ -40,6 +41,15 @@ def test_advantage_normalisation():
     a = normalize(torch.tensor([1.0, 2.0, 3.0, 6.0]))
     assert float(a.mean()) == pytest.approx(0.0, abs=1e-6)
     assert float(a.std()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_explained_variance_by_hand():
+    returns = torch.tensor([1.0, 2.0, 4.0, 5.0])  # mean 3, population variance 2.5
+    values = torch.tensor([1.5, 2.0, 3.0, 5.5])  # residuals -0.5, 0, 1, -0.5: mean 0, var 0.375
+    assert float(explained_variance(values, returns)) == pytest.approx(1 - 0.375 / 2.5)
+    assert float(explained_variance(returns, returns)) == 1.0
+    assert float(explained_variance(torch.full((4,), 3.0), returns)) == pytest.approx(0.0)
+    assert math.isnan(float(explained_variance(values, torch.full((4,), 2.0))))
 
 
 @pytest.mark.parametrize("normalize_advantage", [None, False, True])

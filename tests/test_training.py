@@ -173,6 +173,7 @@ def test_train_command_logs_checkpoints_evaluates_and_resumes(tmp_path, capsys):
         "train/entropy",
         "train/approx_kl",
         "train/learning_rate",
+        "train/explained_variance",
         "kfac/step_scale",
         "kfac/damping",
         "kfac/quadratic",
