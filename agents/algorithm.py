@@ -79,6 +79,7 @@ class KFACAlgorithm:
                 cfg.damping_min,
                 cfg.damping_max,
                 cfg.damping_target_schedule,
+                cfg.damping_hold_when_clipped,
             )
             if cfg.damping_adaptation == "kl"
             else None

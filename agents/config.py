@@ -87,6 +87,7 @@ class Config:
     damping_min: float = 1e-4
     damping_max: float = 1.0
     damping_target_schedule: TargetSchedule = "constant"  # or lr_squared (rl_kfac.damping)
+    damping_hold_when_clipped: bool = False  # keep λ when the clip, not λ, kept the KL low
     lm_omega: float = 1.5
     # trust-region radius adaptation (rl_kfac.trust_region): kl_clip moves toward this measured
     # KL per update; null: kl_clip stays fixed

@@ -83,6 +83,7 @@ def sb3_arguments(cfg: Config) -> dict[str, Any]:
             "damping_min": cfg.damping_min,
             "damping_max": cfg.damping_max,
             "target_schedule": cfg.damping_target_schedule,
+            "hold_when_clipped": cfg.damping_hold_when_clipped,
         }
         own = {k: v for k, v in controller.items() if getattr(_KL_CONTROLLER, k) != v}
         if own:

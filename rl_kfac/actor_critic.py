@@ -83,9 +83,11 @@ def adapt_damping_to_kl(
     """Move λ toward the controller's target KL given the update's measured KL; the new λ.
     With ``initial_lr`` the target follows the learning-rate schedule: it is scaled by the
     square of the optimizer's current lr over ``initial_lr``
-    (:meth:`~rl_kfac.damping.KLDampingController.update`)."""
+    (:meth:`~rl_kfac.damping.KLDampingController.update`). Whether the clip shortened the
+    update is read from the optimizer's last ν, as :func:`adapt_kl_clip` does."""
     fraction = 1.0 if not initial_lr else optimizer.param_groups[0]["lr"] / initial_lr
-    damping = controller.update(optimizer.damping, kl, fraction)
+    clipped = optimizer.diagnostics.step_scale < 1.0
+    damping = controller.update(optimizer.damping, kl, fraction, clipped)
     optimizer.set_damping(damping)
     return damping
 

@@ -53,6 +53,11 @@ class KLDampingController:
     KL and bounded per update and overall.
     Reference RL implementations adapt the step size from the KL instead (e.g. PPO's adaptive KL
     penalty, Schulman et al. 2017); here the step size stays the trust region's job.
+
+    With ``hold_when_clipped`` an update whose step the trust region shortened (ν < 1) and whose
+    KL fell short of the target keeps λ: the shortfall then comes from the clip, not from the
+    damping, and lowering λ for it lets the undamped model overshoot once the clip stops binding
+    (a critic-dominated clip drove λ to its floor and a separate-core recurrent policy collapsed).
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class KLDampingController:
         damping_min: float = 1e-4,
         damping_max: float = 1.0,
         target_schedule: TargetSchedule = "constant",
+        hold_when_clipped: bool = False,
     ) -> None:
         if target_schedule not in TARGET_SCHEDULES:
             raise ValueError(
@@ -77,8 +83,11 @@ class KLDampingController:
         self.target_kl, self.rate, self.max_factor = target_kl, rate, max_factor
         self.damping_min, self.damping_max = damping_min, damping_max
         self.target_schedule = target_schedule
+        self.hold_when_clipped = hold_when_clipped
 
-    def update(self, damping: float, kl: float, lr_fraction: float = 1.0) -> float:
+    def update(
+        self, damping: float, kl: float, lr_fraction: float = 1.0, clipped: bool = False
+    ) -> float:
         """The new λ after an update of measured ``kl`` taken at ``lr_fraction`` of the initial
         learning rate. With ``"lr_squared"`` the target is ``target_kl · lr_fraction²``, since an
         update's KL scales with the square of its step. A fixed target under a decaying learning
@@ -87,12 +96,15 @@ class KLDampingController:
         KL (PPO-KFAC on CartPole: an update of KL 0.85 under kl_clip 0.01, then a collapse). With
         ``"constant"`` (the default) the target stays ``target_kl``: λ then falls as the learning
         rate does, which the configs tuned with it need late in training (PPO-KFAC on LunarLander
-        reached 200 on 3 of 5 tuning seeds with the scaled target, 5 of 5 with the constant one)."""
+        reached 200 on 3 of 5 tuning seeds with the scaled target, 5 of 5 with the constant one).
+        ``clipped``: whether the trust region shortened the update's step (see the class)."""
         if math.isnan(kl) or kl < 0 or not lr_fraction > 0:  # keep λ
             return damping
         if self.target_schedule == "constant":
             lr_fraction = 1.0
         target = self.target_kl * min(lr_fraction, 1.0) ** 2
+        if self.hold_when_clipped and clipped and kl < target:
+            return damping
         factor = (max(kl, 1e-12) / target) ** self.rate
         factor = min(max(factor, 1.0 / self.max_factor), self.max_factor)
         return min(max(damping * factor, self.damping_min), self.damping_max)
@@ -101,7 +113,8 @@ class KLDampingController:
         return (
             f"KLDampingController(target_kl={self.target_kl}, rate={self.rate}, "
             f"max_factor={self.max_factor}, bounds=({self.damping_min}, {self.damping_max}), "
-            f"target_schedule={self.target_schedule!r})"
+            f"target_schedule={self.target_schedule!r}, "
+            f"hold_when_clipped={self.hold_when_clipped})"
         )
 
 

@@ -137,6 +137,36 @@ def test_kl_damping_does_not_undo_a_decaying_learning_rate():
     assert kept.damping == pytest.approx(fixed.damping)
 
 
+def test_kl_damping_holds_when_the_clip_kept_the_kl_low():
+    """hold_when_clipped: a clipped step whose KL fell short keeps λ; an overshoot still raises
+    it, and an unclipped shortfall still lowers it. Whether the step was clipped comes from the
+    optimizer's ν after a real step under a tight and a loose radius."""
+    from rl_kfac import KFAC
+    from rl_kfac.actor_critic import adapt_damping_to_kl
+
+    hold = KLDampingController(target_kl=0.01, hold_when_clipped=True)
+    assert hold.update(0.01, 0.0025, clipped=True) == 0.01
+    assert hold.update(0.01, 0.04, clipped=True) == pytest.approx(0.02)
+    assert hold.update(0.01, 0.0025, clipped=False) == pytest.approx(0.005)
+    assert KLDampingController(target_kl=0.01).update(0.01, 0.0025, clipped=True) == (
+        pytest.approx(0.005)
+    )
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    for kl_clip, kept in ((1e-8, True), (None, False)):
+        layer = torch.nn.Linear(3, 2)
+        opt = KFAC(layer, lr=0.25, damping=0.05, kl_clip=kl_clip)
+        out = layer(x)
+        noisy = (out + torch.randn_like(out)).detach()
+        opt.fisher_backward(0.5 * (noisy - out).pow(2).sum(1).mean())
+        opt.zero_grad()
+        out.pow(2).sum().backward()
+        opt.step()
+        assert (opt.diagnostics.step_scale < 1.0) == kept
+        damping = adapt_damping_to_kl(opt, hold, 0.0025)
+        assert damping == (0.05 if kept else pytest.approx(0.025))
+
+
 def test_levenberg_marquardt_rule():
     lm = LevenbergMarquardt(omega=1.5, damping_min=1e-4, damping_max=1.0)
     predicted = LevenbergMarquardt.predicted_change(quadratic=2.0, step=0.5)
@@ -173,6 +203,10 @@ def test_the_target_schedule_reaches_the_agent_and_the_sb3_settings():
         assert PPOKFAC(policy, cfg).kl_damping.target_schedule == schedule
         options = sb3_arguments(cfg).get("damping_kwargs", {})
         assert options.get("target_schedule", "constant") == schedule
+    cfg = load_config("configs/ppo_kfac/lunarlander.yaml", ["damping_hold_when_clipped=true"])
+    policy = ActorCritic(box, gym.spaces.Discrete(4), cfg.policy_spec())
+    assert PPOKFAC(policy, cfg).kl_damping.hold_when_clipped
+    assert sb3_arguments(cfg)["damping_kwargs"]["hold_when_clipped"] is True
 
 
 @pytest.mark.slow
