@@ -86,8 +86,7 @@ def adapt_damping_to_kl(
     (:meth:`~rl_kfac.damping.KLDampingController.update`). Whether the clip shortened the
     update is read from the optimizer's last ν, as :func:`adapt_kl_clip` does."""
     fraction = 1.0 if not initial_lr else optimizer.param_groups[0]["lr"] / initial_lr
-    clipped = optimizer.diagnostics.step_scale < 1.0
-    damping = controller.update(optimizer.damping, kl, fraction, clipped)
+    damping = controller.update(optimizer.damping, kl, fraction, optimizer.diagnostics.clipped)
     optimizer.set_damping(damping)
     return damping
 
@@ -107,7 +106,6 @@ def adapt_kl_clip(optimizer: KFAC, controller: KLClipController, kl: float) -> f
     KL; the new radius. Whether the clip shortened the step is read from the optimizer's last
     ν (a PPO-KFAC update's last minibatch step stands for the update)."""
     assert optimizer.kl_clip is not None  # the config checks refuse a controller without one
-    clipped = optimizer.diagnostics.step_scale < 1.0
-    kl_clip = controller.update(optimizer.kl_clip, kl, clipped)
+    kl_clip = controller.update(optimizer.kl_clip, kl, optimizer.diagnostics.clipped)
     optimizer.set_kl_clip(kl_clip)
     return kl_clip

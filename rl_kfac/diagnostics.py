@@ -30,6 +30,11 @@ class Diagnostics:
     skipped_statistics: int = 0
     eig_failures: int = 0
 
+    @property
+    def clipped(self) -> bool:
+        """Whether the trust region shortened the last step (ν < 1; a skipped step was not)."""
+        return self.step_scale < 1.0
+
     def scalars(self) -> dict[str, float]:
         """The logged scalars by tag (TensorBoard and SB3's logger use the same tags)."""
         return {
