@@ -175,7 +175,7 @@ TUNED_ON: dict[str, range | None] = {
     "acktr/pendulum_novel": None,
     "ppo_kfac/pendulum_novel": range(3),
     "acktr/lunarlander_novel": None,
-    "ppo_kfac/lunarlander_novel": None,
+    "ppo_kfac/lunarlander_novel": range(3),
 }
 
 
