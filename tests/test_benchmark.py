@@ -150,6 +150,24 @@ def test_a_run_is_appended_and_a_rerun_replaces_it(tmp_path):
     assert results.plot("CartPole-v1", 475.0).exists()
 
 
+def test_a_row_waits_while_another_command_holds_the_suite(tmp_path):
+    """Two benchmark commands on one suite: one's rewrite (a rerun) must not interleave with the
+    other's append. While the lock is held elsewhere, ``add`` writes nothing."""
+    import threading
+    import time
+
+    holder, writer = SuiteResults(tmp_path, "classic"), SuiteResults(tmp_path, "classic")
+    row = {"algo": "acktr", "env": "CartPole-v1", "seed": 0, "timesteps": 100, "commit": "a"}
+    with holder.locked():
+        thread = threading.Thread(target=writer.add, args=(row, [(10, 1.0)]))
+        thread.start()
+        time.sleep(0.3)
+        assert thread.is_alive() and writer.rows() == []
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert [r["seed"] for r in writer.rows()] == ["0"]
+
+
 def _rows(path: Path) -> list[list[str]]:
     with open(path, newline="") as f:
         return list(csv.reader(f))[1:]

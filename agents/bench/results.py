@@ -8,6 +8,8 @@ repeated with ``--rerun`` replaces its earlier row and episodes.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +108,30 @@ class SuiteResults:
         with open(self.episodes_path, newline="") as f:
             return [(a, e, int(s), int(t), float(x)) for a, e, s, t, x in list(csv.reader(f))[1:]]
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the suite's lock file: two benchmark commands on one suite (two sittings, or
+        reference and ours side by side) then cannot interleave a rewrite and an append and lose
+        a row. An advisory ``flock``; where there is none (Windows) nothing is locked."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            yield
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def add(self, row: dict[str, Any], episodes: list[tuple[int, float]]) -> None:
         """Append a finished run (replacing an earlier row and episodes with its key)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        with self.locked():
+            self._add(row, episodes)
+
+    def _add(self, row: dict[str, Any], episodes: list[tuple[int, float]]) -> None:
         key = _key(row)
         new_eps = [(row["algo"], row["env"], row["seed"], s, f"{r:.6g}") for s, r in episodes]
         rows = self.rows()
