@@ -6,6 +6,8 @@ import csv
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -153,9 +155,6 @@ def test_a_run_is_appended_and_a_rerun_replaces_it(tmp_path):
 def test_a_row_waits_while_another_command_holds_the_suite(tmp_path):
     """Two benchmark commands on one suite: one's rewrite (a rerun) must not interleave with the
     other's append. While the lock is held elsewhere, ``add`` writes nothing."""
-    import threading
-    import time
-
     holder, writer = SuiteResults(tmp_path, "classic"), SuiteResults(tmp_path, "classic")
     row = {"algo": "acktr", "env": "CartPole-v1", "seed": 0, "timesteps": 100, "commit": "a"}
     with holder.locked():
