@@ -129,21 +129,18 @@ class SuiteResults:
     def add(self, row: dict[str, Any], episodes: list[tuple[int, float]]) -> None:
         """Append a finished run (replacing an earlier row and episodes with its key)."""
         with self.locked():
-            self._add(row, episodes)
-
-    def _add(self, row: dict[str, Any], episodes: list[tuple[int, float]]) -> None:
-        key = _key(row)
-        new_eps = [(row["algo"], row["env"], row["seed"], s, f"{r:.6g}") for s, r in episodes]
-        rows = self.rows()
-        if any(_key(r) == key for r in rows):
-            rows = [r for r in rows if _key(r) != key]
-            ident = key[:3]
-            kept = [e for e in self.episodes() if (e[0], e[1], e[2]) != ident]
-            self._write(self.runs_path, RUN_COLUMNS, [[r.get(c, "") for c in RUN_COLUMNS]
-                                                       for r in rows])  # fmt: skip
-            self._write(self.episodes_path, EPISODE_COLUMNS, [list(e) for e in kept])
-        self._append(self.runs_path, RUN_COLUMNS, [[_cell(row.get(c)) for c in RUN_COLUMNS]])
-        self._append(self.episodes_path, EPISODE_COLUMNS, [list(e) for e in new_eps])
+            key = _key(row)
+            new_eps = [(row["algo"], row["env"], row["seed"], s, f"{r:.6g}") for s, r in episodes]
+            rows = self.rows()
+            if any(_key(r) == key for r in rows):
+                rows = [r for r in rows if _key(r) != key]
+                ident = key[:3]
+                kept = [e for e in self.episodes() if (e[0], e[1], e[2]) != ident]
+                self._write(self.runs_path, RUN_COLUMNS, [[r.get(c, "") for c in RUN_COLUMNS]
+                                                           for r in rows])  # fmt: skip
+                self._write(self.episodes_path, EPISODE_COLUMNS, [list(e) for e in kept])
+            self._append(self.runs_path, RUN_COLUMNS, [[_cell(row.get(c)) for c in RUN_COLUMNS]])
+            self._append(self.episodes_path, EPISODE_COLUMNS, [list(e) for e in new_eps])
 
     @staticmethod
     def _write(path: Path, header: list[str], rows: list[list[Any]]) -> None:
