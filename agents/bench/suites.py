@@ -163,7 +163,7 @@ TUNED_ON: dict[str, range | None] = {
     "acktr/walker2d": range(3),
     "ppo_kfac/walker2d": range(3),
     "acktr/ant": None,
-    "ppo_kfac/ant": range(1),
+    "ppo_kfac/ant": range(3),
     "acktr/pong": None,
     "ppo_kfac/pong": None,
     "acktr/breakout": None,
