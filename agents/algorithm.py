@@ -24,6 +24,7 @@ KFAC_KEYS = (
     "stat_decay",
     "damping",
     "kl_clip",
+    "kl_clip_lr",
     "weight_decay",
     "factor_update_interval",
     "inverse_update_interval",

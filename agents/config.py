@@ -26,7 +26,7 @@ from agents.networks import Activation, Arch, PolicySpec, Recurrent
 from rl_kfac import ConvApprox, DampingMode
 from rl_kfac.curvature import InverseMode
 from rl_kfac.damping import TargetSchedule
-from rl_kfac.optimizer import MAX_LR
+from rl_kfac.optimizer import MAX_LR, ClipLR
 from rl_kfac.recurrent import RecurrentApprox
 
 Algo = Literal["acktr", "ppo_kfac"]
@@ -68,6 +68,9 @@ class Config:
     lr: float = 0.25
     lr_schedule: LRSchedule = "linear"
     kl_clip: float | None = 1e-3
+    # the lr the clip is computed at (rl_kfac.KFAC): current (ACKTR's: a clipped step's length
+    # does not depend on lr) or initial (lr_schedule scales clipped steps too)
+    kl_clip_lr: ClipLR = "current"
     damping: float = 1e-2
     damping_mode: DampingMode = "exact"
     stat_decay: float = 0.99

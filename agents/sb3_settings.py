@@ -112,6 +112,7 @@ def _policy_kwargs(cfg: Config) -> str | None:
         "weight_decay": 0.0,
         "statistics_rows": None,
         "inverse_mode": "sync",
+        "kl_clip_lr": "current",
     }
     own = {k: getattr(cfg, k) for k, v in optimizer.items() if getattr(cfg, k) != v}
     if own:

@@ -104,8 +104,14 @@ def adapt_damping_lm(optimizer: KFAC, rule: LevenbergMarquardt, actual: float, l
 def adapt_kl_clip(optimizer: KFAC, controller: KLClipController, kl: float) -> float:
     """Move the trust-region radius toward the controller's target given the update's measured
     KL; the new radius. Whether the clip shortened the step is read from the optimizer's last
-    ν (a PPO-KFAC update's last minibatch step stands for the update)."""
+    ν (a PPO-KFAC update's last minibatch step stands for the update). Under
+    ``kl_clip_lr="initial"`` the radius is decided at the initial learning rate and a schedule
+    shrinks the step's KL by ``lr_fraction²``, so the KL is compared at the initial rate too
+    (else the controller would widen the radius as the schedule decays)."""
     assert optimizer.kl_clip is not None  # the config checks refuse a controller without one
-    kl_clip = controller.update(optimizer.kl_clip, kl, optimizer.diagnostics.clipped)
+    fraction = optimizer.lr_fraction
+    if fraction <= 0:  # the rate reached 0: no step was taken
+        return optimizer.kl_clip
+    kl_clip = controller.update(optimizer.kl_clip, kl / fraction**2, optimizer.diagnostics.clipped)
     optimizer.set_kl_clip(kl_clip)
     return kl_clip

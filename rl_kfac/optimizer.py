@@ -40,6 +40,8 @@ STATISTICS: tuple[Statistics, ...] = ("explicit", "empirical")
 MAX_LR = 1e6  # far above any K-FAC learning rate; larger ones overflow float32 updates
 HostSync = Literal["auto", "step", "log"]
 HOST_SYNCS: tuple[HostSync, ...] = ("auto", "step", "log")
+ClipLR = Literal["current", "initial"]
+CLIP_LRS: tuple[ClipLR, ...] = ("current", "initial")
 
 
 class KFAC(Optimizer):
@@ -60,6 +62,13 @@ class KFAC(Optimizer):
         kl_clip: trust region c; the step is scaled by ``ν = min(1, sqrt(c / (η² Σ_p ⟨v_p, g_p⟩)))``
             with ``v = F̂⁻¹ g`` (the ACKTR code's form; the paper's ``sqrt(2δ/…)`` is
             ``kl_clip = 2δ``). ``None`` disables the clip.
+        kl_clip_lr: the η in ν's formula. ``"current"`` (default, ACKTR's): the group's ``lr``
+            now, so a clipped step ``η ν v = sqrt(c / Σ⟨v, g⟩) v`` has the same length whatever
+            the learning rate is, and a schedule only acts once the clip stops binding.
+            ``"initial"``: each group's ``initial_lr`` (its ``lr`` when the optimizer was made;
+            torch's LR schedulers keep the same key), so the clip is decided at the initial rate
+            and a schedule scales the clipped step by ``lr / initial_lr``, as it scales a
+            first-order step; the step's KL then shrinks with ``(lr / initial_lr)²``.
         weight_decay: L2 coefficient added to the gradient before preconditioning (per group).
         factor_update_interval: statistics are recorded on steps ``k`` with ``k % T == 0``.
         inverse_update_interval: factors are eigendecomposed on steps ``k`` with ``k % T == 0``.
@@ -124,6 +133,7 @@ class KFAC(Optimizer):
         stat_decay: float = 0.99,
         damping: float = 1e-2,
         kl_clip: float | None = 1e-3,
+        kl_clip_lr: ClipLR = "current",
         weight_decay: float = 0.0,
         factor_update_interval: int = 1,
         inverse_update_interval: int = 10,
@@ -146,6 +156,7 @@ class KFAC(Optimizer):
             kl_clip is None or 0 < kl_clip < math.inf,
             f"kl_clip must be > 0 and finite, or None, got {kl_clip}",
         )
+        _check(kl_clip_lr in CLIP_LRS, f"kl_clip_lr must be one of {CLIP_LRS}, got {kl_clip_lr!r}")
         _check(
             0 <= weight_decay < math.inf,
             f"weight_decay must be >= 0 and finite, got {weight_decay}",
@@ -192,6 +203,7 @@ class KFAC(Optimizer):
             owned = {id(p) for p in model.parameters() if p.requires_grad}
             _check(given == owned, "model= must own exactly the optimizer's parameters")
         for group in self.param_groups:
+            group.setdefault("initial_lr", group["lr"])  # kl_clip_lr "initial" (kept if given)
             f = group.get("fisher_diagonal")
             _check(
                 f is None
@@ -200,6 +212,7 @@ class KFAC(Optimizer):
             )
         self.stat_decay = stat_decay
         self.kl_clip = kl_clip
+        self.kl_clip_lr: ClipLR = kl_clip_lr
         self.factor_update_interval = factor_update_interval
         self.inverse_update_interval = inverse_update_interval
         self.damping_mode: DampingMode = damping_mode
@@ -333,13 +346,29 @@ class KFAC(Optimizer):
         nu = 1.0
         if self.kl_clip is not None:
             weighted = sum(
-                g["lr"] ** 2 * max(q, 0.0) for g, q in zip(self.param_groups, quad_values)
+                self._clip_lr(g) ** 2 * max(q, 0.0) for g, q in zip(self.param_groups, quad_values)
             )
             nu = min(1.0, math.sqrt(self.kl_clip / weighted)) if weighted > 0 else 1.0
         for group, lay, (params, dirs) in zip(self.param_groups, layout, directions):
             _apply(group, lay, params, dirs, nu, self._param_state)
         self._last = (nu, sum(quad_values))
         return loss
+
+    def _clip_lr(self, group: dict[str, Any]) -> float:
+        """The learning rate ν is computed at (``kl_clip_lr``)."""
+        if self.kl_clip_lr == "initial":
+            return float(group.get("initial_lr", group["lr"]))
+        return float(group["lr"])
+
+    @property
+    def lr_fraction(self) -> float:
+        """The first group's ``lr / initial_lr`` under ``kl_clip_lr="initial"``, else 1: the
+        factor a schedule has scaled clipped steps by (their KL by its square)."""
+        if self.kl_clip_lr == "current":
+            return 1.0
+        group = self.param_groups[0]
+        initial = group.get("initial_lr", group["lr"])
+        return float(group["lr"] / initial) if initial > 0 else 1.0
 
     def _skip(self, why: str, key: str = "step") -> None:
         self._skipped_steps.value += 1
@@ -358,7 +387,9 @@ class KFAC(Optimizer):
         finite = q.isfinite().all()
         nu = torch.ones((), dtype=q.dtype, device=q.device)
         if self.kl_clip is not None:
-            weighted = sum(g["lr"] ** 2 * qi.clamp(min=0) for g, qi in zip(self.param_groups, q))
+            weighted = sum(
+                self._clip_lr(g) ** 2 * qi.clamp(min=0) for g, qi in zip(self.param_groups, q)
+            )
             assert isinstance(weighted, Tensor)
             nu = torch.where(weighted > 0, (self.kl_clip / weighted).sqrt().clamp(max=1.0), nu)
         for group, lay, (params, dirs) in zip(self.param_groups, layout, directions):
@@ -531,6 +562,7 @@ class KFAC(Optimizer):
         return (
             f"KFAC(lr={g['lr']}, momentum={g['momentum']}, damping={g['damping']}, "
             f"weight_decay={g['weight_decay']}, kl_clip={self.kl_clip}, "
+            f"kl_clip_lr={self.kl_clip_lr!r}, "
             f"stat_decay={self.stat_decay}, factor_update_interval={self.factor_update_interval}, "
             f"inverse_update_interval={self.inverse_update_interval}, "
             f"damping_mode={self.damping_mode!r}, conv_approx={self.conv_approx!r}, "

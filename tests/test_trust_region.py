@@ -12,6 +12,7 @@ from torch import nn
 from agents.config import load_config
 from agents.trainer import Trainer
 from rl_kfac import KFAC
+from rl_kfac.actor_critic import adapt_kl_clip
 from rl_kfac.trust_region import KLClipController
 
 
@@ -103,3 +104,66 @@ def test_the_closed_loop_brings_the_measured_kl_to_the_target(tmp_path, algo):
     assert np.median(fixed[-20:]) > 4 * target  # the problem is real here ...
     assert target / 3 < np.median(kls[-20:]) < 3 * target, kls  # ... and the loop solves it
     assert radius < 0.3 / 10
+
+
+def one_clipped_step(kl_clip_lr: str, lr: float, host_sync: str = "step") -> torch.Tensor:
+    """The parameter change of one K-FAC step made at initial rate 0.5 and taken at ``lr`` (as
+    a schedule sets it), on a batch whose step the clip shortens."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = KFAC(
+        model,
+        lr=0.5,
+        momentum=0.0,
+        kl_clip=1e-4,
+        kl_clip_lr=kl_clip_lr,
+        host_sync=host_sync,
+        factor_dtype=torch.float64,
+    )
+    for group in opt.param_groups:
+        group["lr"] = lr
+    x = torch.randn(64, 4, dtype=torch.float64)
+    out = model(x)
+    sampled = torch.distributions.Categorical(logits=out.detach()).sample()
+    opt.fisher_backward(nn.functional.cross_entropy(out, sampled))
+    opt.zero_grad()
+    nn.functional.cross_entropy(out, torch.randint(0, 3, (64,))).backward()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    opt.step()
+    assert opt.diagnostics.step_scale < 0.2, "the test needs a clip that binds at lr 0.5"
+    return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+
+
+@pytest.mark.parametrize("host_sync", ["step", "log"])
+def test_kl_clip_lr_decides_whether_a_schedule_shortens_clipped_steps(host_sync):
+    """A clipped step is ``η ν v`` with ``ν = sqrt(c / (η_clip² ⟨v, g⟩))``. With η_clip the
+    current rate (ACKTR's) its length ``sqrt(c / ⟨v, g⟩)`` is the same at any rate; with η_clip
+    the initial rate the step is the initial rate's, scaled by ``η / η₀``."""
+    full = one_clipped_step("current", 0.5, host_sync)
+    torch.testing.assert_close(one_clipped_step("current", 0.125, host_sync), full)
+    torch.testing.assert_close(one_clipped_step("initial", 0.5, host_sync), full)
+    torch.testing.assert_close(one_clipped_step("initial", 0.125, host_sync), full / 4)
+    with pytest.raises(ValueError, match="kl_clip_lr"):
+        KFAC(nn.Sequential(nn.Linear(3, 2)), kl_clip_lr="final")
+
+
+def test_the_radius_controller_compares_the_kl_at_the_initial_rate():
+    """Under ``kl_clip_lr="initial"`` a schedule at a quarter of the initial rate shrinks the
+    step's KL 16-fold; the controller must judge the radius by the KL at the initial rate
+    (here 16 x 0.001 > 2 x target: shrink), not widen it because the decayed step is short."""
+    opt = KFAC(nn.Sequential(nn.Linear(3, 2)), lr=0.4, kl_clip=0.01, kl_clip_lr="initial")
+    opt._last = (0.5, 1.0)  # the last step was clipped (ν < 1)
+    control = KLClipController(0.005, clip_max=0.01)
+    for group in opt.param_groups:
+        group["lr"] = 0.1
+    assert opt.lr_fraction == 0.25
+    assert adapt_kl_clip(opt, control, 0.001) == pytest.approx(0.01 / 1.5)
+    current = KFAC(nn.Sequential(nn.Linear(3, 2)), lr=0.4, kl_clip=0.004)
+    current._last = (0.5, 1.0)
+    for group in current.param_groups:
+        group["lr"] = 0.1
+    assert current.lr_fraction == 1.0
+    assert adapt_kl_clip(current, control, 0.001) == pytest.approx(0.004 * 1.5)  # < target/2
+    for group in opt.param_groups:
+        group["lr"] = 0.0  # the schedule's end: no step, the radius is kept
+    assert adapt_kl_clip(opt, control, 0.0) == opt.kl_clip

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from agents.config import load_config
-from agents.sb3_settings import sb3_arguments, zoo_hyperparams
+from agents.sb3_settings import sb3_arguments, zoo_entry, zoo_hyperparams
 from rl_kfac.sb3 import ACKTR, PPOKFAC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +85,12 @@ def test_settings_rl_kfac_sb3_lacks_are_refused_not_dropped(override, message):
     cfg = load_config(ROOT / "configs/acktr/hopper.yaml", [override])
     with pytest.raises(ValueError, match=message):
         sb3_arguments(cfg)
+
+
+def test_the_clip_lr_setting_reaches_the_sb3_optimizer():
+    """``kl_clip_lr`` is a K-FAC argument: the zoo entry passes it in ``optimizer_kwargs``."""
+    cfg = load_config(ROOT / "configs/ppo_kfac/pendulum.yaml", ["kl_clip_lr=initial"])
+    policy_kwargs = eval(zoo_entry(cfg)["policy_kwargs"], {"dict": dict, "nn": nn})  # as rl-zoo
+    assert policy_kwargs["optimizer_kwargs"]["kl_clip_lr"] == "initial"
+    model = PPOKFAC("MlpPolicy", "Pendulum-v1", policy_kwargs=policy_kwargs)
+    assert model.policy.optimizer.kl_clip_lr == "initial"
