@@ -364,11 +364,9 @@ class KFAC(Optimizer):
     def lr_fraction(self) -> float:
         """The first group's ``lr / initial_lr`` under ``kl_clip_lr="initial"``, else 1: the
         factor a schedule has scaled clipped steps by (their KL by its square)."""
-        if self.kl_clip_lr == "current":
-            return 1.0
         group = self.param_groups[0]
-        initial = group.get("initial_lr", group["lr"])
-        return float(group["lr"] / initial) if initial > 0 else 1.0
+        clip_lr = self._clip_lr(group)
+        return float(group["lr"] / clip_lr) if clip_lr > 0 else 1.0
 
     def _skip(self, why: str, key: str = "step") -> None:
         self._skipped_steps.value += 1
