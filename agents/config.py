@@ -3,8 +3,9 @@
 Defaults are the ACKTR paper / OpenAI baselines values (Wu et al. 2017): lr 0.25 with a linear
 decay to 0, kl_clip 1e-3, damping 1e-2, stat_decay 0.99, momentum 0.9, n_steps 20, ent_coef 0.01,
 vf_coef 0.5, inverse every 10 updates. n-step returns are written as GAE with ``gae_lambda = 1``
-(identical), and the value Fisher term has weight ``vf_fisher_coef = 1``. Per-environment configs
-in configs/ say where they differ.
+(identical), and the value head's Fisher is the paper's σ = 1 Gaussian (``vf_fisher_coef = 1``;
+baselines' code weighs it 4×, which is ``vf_fisher_coef = 2`` here, see ``rl_kfac.actor_critic``).
+Per-environment configs in configs/ say where they differ.
 """
 
 from __future__ import annotations

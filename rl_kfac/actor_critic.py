@@ -48,6 +48,10 @@ def kfac_param_groups(
 def actor_critic_fisher_loss(policy_loss: Tensor, values: Tensor, vf_fisher_coef: float) -> Tensor:
     """``policy_loss + vf_fisher_coef · value_fisher_loss(values)``.
 
+    The coefficient scales the loss, hence its gradients, so the value head's Fisher (its ``G``)
+    is ``vf_fisher_coef²``: 1 at the default, the σ = 1 Gaussian of the ACKTR paper. OpenAI
+    baselines' and ikostrikov's ACKTR code write the term as ``vf_fisher_coef · (v − t)²``
+    (no ½), whose gradient ``2ε`` gives 4 at their default of 1; ``vf_fisher_coef = 2`` here.
     At ``vf_fisher_coef = 0`` the value head still gets statistics: its G is 0, so only the
     damping preconditions it.
     """

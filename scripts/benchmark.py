@@ -33,7 +33,15 @@ from typing import Any
 
 from agents.bench.report import write_readme
 from agents.bench.results import SuiteResults, run_row
-from agents.bench.runs import RunSpec, aside, episodes, run, zoo_settings
+from agents.bench.runs import (
+    RunInProgress,
+    RunSpec,
+    aside,
+    episodes,
+    exit_with_parent,
+    run,
+    zoo_settings,
+)
 from agents.bench.suites import ALGOS, OURS, SB3_KFAC, SUITES, find_task
 from agents.cli import add_override_argument
 
@@ -179,7 +187,9 @@ def main() -> int:
     failed = 0
     finished: list[dict[str, Any]] = []
     context = mp.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        args.workers, mp_context=context, initializer=exit_with_parent
+    ) as pool:
         futures = {pool.submit(_safe_job, spec): spec for spec in specs}
         for future in as_completed(futures):  # recorded as each finishes, in any order
             spec = futures[future]
@@ -223,6 +233,8 @@ def _safe_job(spec: RunSpec) -> dict[str, Any] | str:
     """The run's summary, or its traceback (one failed run does not stop the others)."""
     try:
         return run(spec)
+    except RunInProgress as err:
+        return str(err)
     except Exception:
         return traceback.format_exc()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ import yaml
 
 from agents.bench import report
 from agents.bench.results import SuiteResults, first_to_threshold, low_after_threshold, run_row
-from agents.bench.runs import RunSpec, run, zoo_settings
+from agents.bench.runs import RunInProgress, RunSpec, claimed, run, zoo_settings
 from agents.bench.suites import ALGOS, OURS, REFERENCE, SUITES, TUNED_ON, find_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +167,64 @@ def test_a_row_waits_while_another_command_holds_the_suite(tmp_path):
     thread.join(timeout=10)
     assert not thread.is_alive()
     assert [r["seed"] for r in writer.rows()] == ["0"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: runs are not claimed")
+def test_a_run_another_process_is_training_is_refused_untouched(tmp_path):
+    """Two processes on one run directory would overwrite each other's checkpoints: while one
+    holds the claim, ``run`` refuses with the holder's pid and writes nothing."""
+    _, task = find_task("CartPole-v1")
+    directory = tmp_path / "run"
+    with claimed(directory):  # flock: a second open of the file conflicts, even in one process
+        with pytest.raises(RunInProgress, match=f"pid {os.getpid()}"):
+            run(RunSpec("acktr", task, 0, 640, directory, checkpoint_interval=640))
+        assert not directory.exists()
+    assert run(RunSpec("acktr", task, 0, 640, directory, checkpoint_interval=640))["timesteps"]
+
+
+_ORPHAN = """
+import multiprocessing as mp, os, sys, time
+from agents.bench.runs import exit_with_parent
+
+def child(path):
+    exit_with_parent(poll_s=0.1)
+    open(path, "w").write(str(os.getpid()))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    mp.get_context("spawn").Process(target=child, args=(sys.argv[1],)).start()
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_a_worker_ends_when_the_command_that_started_it_is_killed(tmp_path):
+    """``kill PID`` of a benchmark command reaches it alone; its workers must not train on."""
+    script, pid_file = tmp_path / "parent.py", tmp_path / "child.pid"
+    script.write_text(_ORPHAN)
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # an exited child not yet reaped by init is a zombie
+        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 def _rows(path: Path) -> list[list[str]]:

@@ -11,6 +11,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from agents.networks import ActorCritic, PolicySpec
 from agents.normalize import Normalizer
 from agents.rollout import RolloutCollector, compute_gae
+from rl_kfac.actor_critic import actor_critic_fisher_loss
 from rl_kfac.fisher import categorical_fisher_loss, gaussian_fisher_loss, value_fisher_loss
 
 
@@ -132,3 +133,24 @@ def test_gaussian_and_value_fisher_loss_gradients():
     values = torch.zeros(n, requires_grad=True)
     (gv,) = torch.autograd.grad(value_fisher_loss(values), values)
     assert abs(float((n * gv).pow(2).mean()) - 1.0) < 0.03
+
+
+def test_value_fisher_weight_is_the_square_of_its_coefficient():
+    """vf_fisher_coef scales the loss, so the value head's G is its square; OpenAI baselines'
+    term ``(v − t)²`` (no ½, t = v + ε, coefficient 1) is ``vf_fisher_coef = 2`` here."""
+    n = 40_000
+    no_policy = torch.zeros(())
+    for coef in (0.5, 3.0):
+        torch.manual_seed(2)
+        values = torch.zeros(n, requires_grad=True)
+        loss = actor_critic_fisher_loss(no_policy, values, coef)
+        (g,) = torch.autograd.grad(loss, values)
+        assert abs(float((n * g).pow(2).mean()) / coef**2 - 1.0) < 0.03
+    values = torch.randn(n, requires_grad=True)
+    torch.manual_seed(3)
+    (ours,) = torch.autograd.grad(actor_critic_fisher_loss(no_policy, values, 2.0), values)
+    torch.manual_seed(3)
+    target = (values + torch.randn_like(values)).detach()
+    (theirs,) = torch.autograd.grad((values - target).pow(2).mean(), values)
+    torch.testing.assert_close(ours, theirs)
+    assert abs(float((n * theirs).pow(2).mean()) - 4.0) < 0.15

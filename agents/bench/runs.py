@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,18 +46,71 @@ class RunSpec:
 
 
 def run(spec: RunSpec) -> dict[str, Any]:
-    """Train (or finish) one run; its ``result.json`` as a dict."""
+    """Train (or finish) one run; its ``result.json`` as a dict. ``RunInProgress`` if another
+    process is training it."""
     import torch
 
     torch.set_num_threads(1)
     run_dir = spec.run_dir
     done = run_dir / "result.json"
-    if not (done.exists() and json.loads(done.read_text())["timesteps"] >= spec.timesteps):
-        checkpoint = run_dir / ("last.pt" if spec.algo in OURS else "progress.json")
-        if run_dir.exists() and any(run_dir.iterdir()) and not checkpoint.exists():
-            run_dir.rename(aside(run_dir, "interrupted"))
-        (_train_ours if spec.algo in OURS else _train_sb3)(spec)
-    return json.loads(done.read_text())
+    with claimed(run_dir):
+        if not (done.exists() and json.loads(done.read_text())["timesteps"] >= spec.timesteps):
+            checkpoint = run_dir / ("last.pt" if spec.algo in OURS else "progress.json")
+            if run_dir.exists() and any(run_dir.iterdir()) and not checkpoint.exists():
+                run_dir.rename(aside(run_dir, "interrupted"))
+            (_train_ours if spec.algo in OURS else _train_sb3)(spec)
+        return json.loads(done.read_text())
+
+
+class RunInProgress(RuntimeError):
+    """Another process holds the run directory's claim."""
+
+
+@contextmanager
+def claimed(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run_dir>.lock`` while the run trains, so that a second process (a second
+    sitting, or a worker left behind by a killed benchmark command) cannot train into the same
+    directory and overwrite its checkpoints. An advisory ``flock``, released when the process
+    ends however it ends; where there is none (Windows) nothing is claimed."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.with_name(f"{run_dir.name}.lock"), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise RunInProgress(
+                f"{run_dir} is being trained by another process (pid {holder}); "
+                "stop it or wait for it"
+            ) from None
+        try:
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def exit_with_parent(poll_s: float = 2.0) -> None:
+    """End this process soon after the one that started it ends (a pool worker's initializer).
+
+    A benchmark command killed with a signal to itself alone (``kill PID``; Ctrl-C reaches the
+    whole process group) would otherwise leave its workers training; the run continues from its
+    last checkpoint when the command is given again."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)  # checkpoints are written to a temporary file and renamed: none is torn
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def aside(directory: Path, why: str) -> Path:
