@@ -43,11 +43,12 @@ class ACKTR(KFACAlgorithm):
         dist, values = evaluate(self.policy, batch)
         record_fisher(opt, dist.fisher_loss, values, cfg.vf_fisher_coef)
         loss, policy_loss, value_loss, entropy = self.a2c_loss(dist, values, batch)
-        self.step_on(loss, lr)
+        old = dist.detach()
+        self.step_on(loss, lr, kl=lambda: old.kl(evaluate(self.policy, batch)[0]).mean())
 
         with torch.no_grad():
             new_dist, new_values = evaluate(self.policy, batch)
-            kl = dist.detach().kl(new_dist).mean()
+            kl = old.kl(new_dist).mean()
             adapted = self.adapt_to_kl(kl)
             if self.lm_damping is not None and lr > 0:
                 actual = self.global_mean(self.a2c_loss(new_dist, new_values, batch)[0] - loss)

@@ -15,6 +15,7 @@ from rl_kfac import KFAC
 from rl_kfac.actor_critic import adapt_damping_to_kl, adapt_kl_clip, kfac_param_groups
 from rl_kfac.damping import KLDampingController, LevenbergMarquardt
 from rl_kfac.distributed import Communicator, allreduce_gradients, average_scalar
+from rl_kfac.kl_guard import KLMeasure
 from rl_kfac.trust_region import KLClipController
 
 Stats = dict[str, float | Tensor]
@@ -33,6 +34,8 @@ KFAC_KEYS = (
     "recurrent_approx",
     "statistics_rows",
     "inverse_mode",
+    "kl_guard",
+    "kl_guard_backtracks",
 )
 
 
@@ -114,16 +117,22 @@ class KFACAlgorithm:
             group["lr"] = lr
         return lr
 
-    def step_on(self, loss: Tensor, lr: float, inputs: list[nn.Parameter] | None = None) -> None:
+    def step_on(
+        self,
+        loss: Tensor,
+        lr: float,
+        inputs: list[nn.Parameter] | None = None,
+        kl: KLMeasure | None = None,
+    ) -> None:
         """Back-propagate ``loss`` (into ``inputs`` only, if given), average gradients over
-        ranks, clip, take the K-FAC step."""
+        ranks, clip, take the K-FAC step (checked by the KL guard with ``kl``, if it is on)."""
         self.optimizer.zero_grad()
         loss.backward(inputs=inputs)
         allreduce_gradients(self.policy.parameters(), self.comm)
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
         if lr > 0:
-            self.optimizer.step()
+            self.optimizer.step(kl=kl)
 
     def global_mean(self, value: float | Tensor) -> float:
         """``value`` averaged over ranks (itself in a single process)."""

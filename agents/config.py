@@ -96,6 +96,10 @@ class Config:
     # trust-region radius adaptation (rl_kfac.trust_region): kl_clip moves toward this measured
     # KL per update; null: kl_clip stays fixed
     kl_clip_target: float | None = None
+    # KL guard (rl_kfac.kl_guard): a step whose measured KL exceeds kl_guard · kl_clip is shrunk
+    # (up to kl_guard_backtracks times) or undone; null: off, the exact ACKTR step
+    kl_guard: float | None = None
+    kl_guard_backtracks: int = 5
     # PPO-KFAC
     n_epochs: int = 4
     batch_size: int = 64
@@ -205,6 +209,13 @@ class Config:
                 f"kl_clip_target must be > 0 with a kl_clip to adapt, got {self.kl_clip_target} "
                 f"(kl_clip {self.kl_clip})"
             )
+        if self.kl_guard is not None and (self.kl_clip is None or self.kl_guard <= 0):
+            raise ValueError(
+                f"kl_guard must be > 0 with a kl_clip to guard, got {self.kl_guard} "
+                f"(kl_clip {self.kl_clip})"
+            )
+        if self.kl_guard_backtracks < 0:
+            raise ValueError(f"kl_guard_backtracks must be >= 0, got {self.kl_guard_backtracks}")
         self.policy_spec()  # its own checks (shared_core)
         if self.vec_env == "native" and not self.env_id.startswith("ALE/"):
             raise ValueError(f"vec_env 'native' is ale-py's Atari env; {self.env_id} has none")

@@ -12,10 +12,14 @@ radius, and is logged.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from agents.algorithm import KFACAlgorithm, Stats, normalize
+from agents.distributions import Distribution
+from agents.networks import ActorCritic
 from agents.rollout import Batch, evaluate
 from rl_kfac.actor_critic import record_fisher
 
@@ -37,6 +41,11 @@ def value_loss(
         return (returns - values).pow(2).mean()
     clipped = old_values + (values - old_values).clamp(-clip_range_vf, clip_range_vf)
     return torch.max((returns - values).pow(2), (returns - clipped).pow(2)).mean()
+
+
+def step_kl(policy: ActorCritic, before: Distribution, mb: Batch) -> Tensor:
+    """KL(π before the step ‖ π now) on the minibatch: what the KL guard checks."""
+    return before.kl(evaluate(policy, mb)[0]).mean()
 
 
 def minibatches(batch: Batch, size: int) -> list[Batch]:
@@ -71,7 +80,7 @@ class PPOKFAC(KFACAlgorithm):
                 vl = value_loss(values, mb.values, mb.returns, cfg.clip_range_vf)
                 entropy = dist.entropy().mean()
                 loss = pg - cfg.ent_coef * entropy + cfg.vf_coef * vl
-                self.step_on(loss, lr)
+                self.step_on(loss, lr, kl=functools.partial(step_kl, policy, dist.detach(), mb))
                 steps += 1
                 sums["policy"] += pg.detach()
                 sums["value"] += vl.detach()

@@ -88,9 +88,11 @@ def adapt_damping_to_kl(
     With ``initial_lr`` the target follows the learning-rate schedule: it is scaled by the
     square of the optimizer's current lr over ``initial_lr``
     (:meth:`~rl_kfac.damping.KLDampingController.update`). Whether the clip shortened the
-    update is read from the optimizer's last ν, as :func:`adapt_kl_clip` does."""
+    update is read from the optimizer's last ν, as :func:`adapt_kl_clip` does, and whether the
+    KL guard rejected one of its steps from :meth:`KFAC.pop_rejected_steps`."""
     fraction = 1.0 if not initial_lr else optimizer.param_groups[0]["lr"] / initial_lr
-    damping = controller.update(optimizer.damping, kl, fraction, optimizer.diagnostics.clipped)
+    clipped, rejected = optimizer.diagnostics.clipped, optimizer.pop_rejected_steps() > 0
+    damping = controller.update(optimizer.damping, kl, fraction, clipped, rejected)
     optimizer.set_damping(damping)
     return damping
 

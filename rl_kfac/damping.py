@@ -58,6 +58,10 @@ class KLDampingController:
     KL fell short of the target keeps λ: the shortfall then comes from the clip, not from the
     damping, and lowering λ for it lets the undamped model overshoot once the clip stops binding
     (a critic-dominated clip drove λ to its floor and a separate-core recurrent policy collapsed).
+
+    An update with a step the KL guard rejected (:mod:`rl_kfac.kl_guard`) raises λ by
+    ``max_factor`` whatever its kept KL: the curvature model under-estimated the step's KL, and
+    more damping is what shortens the model's steps where it is wrong.
     """
 
     def __init__(
@@ -86,7 +90,12 @@ class KLDampingController:
         self.hold_when_clipped = hold_when_clipped
 
     def update(
-        self, damping: float, kl: float, lr_fraction: float = 1.0, clipped: bool = False
+        self,
+        damping: float,
+        kl: float,
+        lr_fraction: float = 1.0,
+        clipped: bool = False,
+        rejected: bool = False,
     ) -> float:
         """The new λ after an update of measured ``kl`` taken at ``lr_fraction`` of the initial
         learning rate. With ``"lr_squared"`` the target is ``target_kl · lr_fraction²``, since an
@@ -97,7 +106,10 @@ class KLDampingController:
         ``"constant"`` (the default) the target stays ``target_kl``: λ then falls as the learning
         rate does, which the configs tuned with it need late in training (PPO-KFAC on LunarLander
         reached 200 on 3 of 5 tuning seeds with the scaled target, 5 of 5 with the constant one).
-        ``clipped``: whether the trust region shortened the update's step (see the class)."""
+        ``clipped``: whether the trust region shortened the update's step; ``rejected``: whether
+        the KL guard shrank or undid one of its steps (see the class)."""
+        if rejected:
+            return min(max(damping * self.max_factor, self.damping_min), self.damping_max)
         if math.isnan(kl) or kl < 0 or not lr_fraction > 0:  # keep λ
             return damping
         if self.target_schedule == "constant":

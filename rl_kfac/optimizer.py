@@ -27,6 +27,7 @@ from rl_kfac.capture import StatisticsCapture
 from rl_kfac.curvature import INVERSE_MODES, Curvature, GroupLayout, InverseMode
 from rl_kfac.damping import DAMPING_MODES, DampingMode
 from rl_kfac.diagnostics import Diagnostics
+from rl_kfac.kl_guard import GuardResult, KLMeasure, Snapshot, backtrack
 from rl_kfac.lazy_count import LazyCount
 from rl_kfac.recurrent import RecurrentApprox
 from rl_kfac.statistics import FactorStore
@@ -112,6 +113,12 @@ class KFAC(Optimizer):
         model: with parameter groups as ``model_or_params``, the module owning exactly those
             parameters: its layers are found now, as for a module given whole, and named by
             their path in it (so checkpoints match those of ``KFAC(model)``).
+        kl_guard: checks each step's *measured* KL(π_old ‖ π_new) against ``kl_guard · kl_clip``
+            and shrinks or undoes a step past it (:mod:`rl_kfac.kl_guard`; TRPO's backtracking),
+            counted in ``rejected_steps``. The KL comes from the caller: ``step(kl=fn)`` or
+            :meth:`check_next_step`; a step given none is not checked. ``None`` (default): no
+            check, the exact ACKTR step. Needs a ``kl_clip``.
+        kl_guard_backtracks: shrinks of a step past the bound before it is undone.
 
     Parameters owned by no supported layer (e.g. a Gaussian policy's log-std, depthwise convs)
     get the plain gradient, and that gradient counts in the trust-region clip, unless their
@@ -147,6 +154,8 @@ class KFAC(Optimizer):
         inverse_mode: InverseMode = "sync",
         host_sync: HostSync = "auto",
         model: nn.Module | None = None,
+        kl_guard: float | None = None,
+        kl_guard_backtracks: int = 5,
     ) -> None:
         _check(0 < lr <= MAX_LR, f"lr must be in (0, {MAX_LR:g}], got {lr}")
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
@@ -155,6 +164,15 @@ class KFAC(Optimizer):
         _check(
             kl_clip is None or 0 < kl_clip < math.inf,
             f"kl_clip must be > 0 and finite, or None, got {kl_clip}",
+        )
+        _check(
+            kl_guard is None or (kl_clip is not None and 0 < kl_guard < math.inf),
+            f"kl_guard must be > 0 and finite (with a kl_clip), or None, got {kl_guard} "
+            f"(kl_clip {kl_clip})",
+        )
+        _check(
+            type(kl_guard_backtracks) is int and kl_guard_backtracks >= 0,
+            f"kl_guard_backtracks must be an int >= 0, got {kl_guard_backtracks}",
         )
         _check(kl_clip_lr in CLIP_LRS, f"kl_clip_lr must be one of {CLIP_LRS}, got {kl_clip_lr!r}")
         _check(
@@ -213,6 +231,11 @@ class KFAC(Optimizer):
         self.stat_decay = stat_decay
         self.kl_clip = kl_clip
         self.kl_clip_lr: ClipLR = kl_clip_lr
+        self.kl_guard, self.kl_guard_backtracks = kl_guard, kl_guard_backtracks
+        self._next_kl: KLMeasure | None = None  # check_next_step's, for the next step only
+        self._guarded: GuardResult | None = None  # what the guard did to the last step
+        self._rejected_steps = 0
+        self._rejected_unread = 0  # since pop_rejected_steps()
         self.factor_update_interval = factor_update_interval
         self.inverse_update_interval = inverse_update_interval
         self.damping_mode: DampingMode = damping_mode
@@ -311,17 +334,70 @@ class KFAC(Optimizer):
 
     # -- the step -----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], float] | None = None, *, kl: KLMeasure | None = None
+    ) -> float | None:
         """Precondition, scale by the trust region's ν, apply momentum and update.
 
         Statistics recorded since the last step are folded in first, and the factors are
         re-decomposed every ``inverse_update_interval`` steps (and when a layer gets its first
         factors). A non-finite gradient or update skips the step (counted, warned once).
+
+        ``kl``: with ``kl_guard`` set, the measured KL(π_old ‖ π_new) of the batch at the
+        parameters as they are when it is called (:mod:`rl_kfac.kl_guard`); the step is shrunk or
+        undone when it exceeds ``kl_guard · kl_clip``. Without it, the function given to
+        :meth:`check_next_step` is used, if any (training loops that call ``step()`` themselves).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        measure, self._next_kl = kl if kl is not None else self._next_kl, None
+        if self.kl_guard is None or measure is None:
+            self._take_step()
+            return loss
+        params = [p for g in self.param_groups for p in g["params"]]
+        snapshot = Snapshot(params, self._buffers(params))
+        self._take_step()
+        assert self.kl_clip is not None  # checked with kl_guard
+        result = backtrack(
+            snapshot,
+            lambda: self._buffers(params),
+            lambda: self._measured(measure),
+            self.kl_guard * self.kl_clip,
+            self.kl_guard_backtracks,
+        )
+        self._guarded = result
+        if result.rejected:
+            self._rejected_steps += 1
+            self._rejected_unread += 1
+        return loss
+
+    def check_next_step(self, kl: KLMeasure) -> None:
+        """Guard the next :meth:`step` with ``kl`` (as ``step(kl=kl)``), for loops that call
+        ``step()`` themselves (Stable-Baselines3's): set it after the forward pass the step's
+        gradient comes from. Used once; ignored without ``kl_guard``."""
+        self._next_kl = kl
+
+    def pop_rejected_steps(self) -> int:
+        """Steps the KL guard shrank or undid since the last call (a damping controller's
+        signal: :func:`rl_kfac.actor_critic.adapt_damping_to_kl`)."""
+        count, self._rejected_unread = self._rejected_unread, 0
+        return count
+
+    def _measured(self, measure: KLMeasure) -> float:
+        """``measure()``, averaged over ranks so that every rank keeps the same step."""
+        value = measure()
+        if self.communicator is None:
+            return float(value)
+        from rl_kfac.distributed import average_scalar  # torch.distributed only when used
+
+        return average_scalar(value, self.communicator)
+
+    def _buffers(self, params: list[Tensor]) -> list[Tensor | None]:
+        return [self.state[p].get("momentum_buffer") if p in self.state else None for p in params]
+
+    def _take_step(self) -> None:
         layout = self._prepare()
         directions, quads = [], []
         for group, lay in zip(self.param_groups, layout):
@@ -330,18 +406,19 @@ class KFAC(Optimizer):
             quads.append(quad)
         self._steps += 1
         self._capture.arm(self._steps % self.factor_update_interval == 0)
+        self._guarded = None
         lrs = [g["lr"] for g in self.param_groups]
         if not all(0 <= lr <= MAX_LR for lr in lrs):  # e.g. a schedule gone wrong
             self._skip(f"learning rate {lrs} is not in [0, {MAX_LR:g}]", key="lr")
-            return loss
+            return
         device = self.param_groups[0]["params"][0].device
         if self.host_sync == "log" or (self.host_sync == "auto" and device.type == "cuda"):
             self._step_on_device([q.to(device) for q in quads], layout, directions)
-            return loss
+            return
         quad_values = torch.stack([q.to(quads[0].device) for q in quads]).tolist()  # one sync
         if not all(math.isfinite(q) for q in quad_values):
             self._skip(NONFINITE_STEP)
-            return loss
+            return
 
         nu = 1.0
         if self.kl_clip is not None:
@@ -352,7 +429,6 @@ class KFAC(Optimizer):
         for group, lay, (params, dirs) in zip(self.param_groups, layout, directions):
             _apply(group, lay, params, dirs, nu, self._param_state)
         self._last = (nu, sum(quad_values))
-        return loss
 
     def _clip_lr(self, group: dict[str, Any]) -> float:
         """The learning rate ν is computed at (``kl_clip_lr``)."""
@@ -487,13 +563,17 @@ class KFAC(Optimizer):
             "skipped_steps": self._skipped_steps.value,
             "skipped_statistics": skipped_statistics,
             "eig_failures": self._curvature.failures,
+            "rejected_steps": self._rejected_steps,
         }
 
     @property
     def diagnostics(self) -> Diagnostics:
-        """The last step's ν and quadratic form, the damping λ now, and the counters."""
+        """The last step's ν, quadratic form and KL-guard result, the damping λ now, and the
+        counters."""
         nu, quad = self._last
-        return Diagnostics(float(nu), float(quad), self.damping, **self.counters)
+        guard = self._guarded
+        kl, kept = (math.nan, 1.0) if guard is None else (guard.kl, guard.kept)
+        return Diagnostics(float(nu), float(quad), self.damping, kl, kept, **self.counters)
 
     def _warn_unsupported(self) -> None:
         for message in self._capture.unsupported:
@@ -546,6 +626,7 @@ class KFAC(Optimizer):
             self._steps, self._skipped_steps = c["steps"], LazyCount(c["skipped_steps"])
             self._factors.load_counters(c["statistics_updates"], c["skipped_statistics"])
             self._curvature.load_counters(c["inverse_updates"], c["eig_failures"])
+            self._rejected_steps = c["rejected_steps"]
         self._capture.arm(self._steps % self.factor_update_interval == 0)
         self._curvature.invalidate()
 
@@ -567,7 +648,8 @@ class KFAC(Optimizer):
             f"recurrent_approx={self.recurrent_approx!r}, "
             f"factor_dtype={self.factor_dtype}, statistics={self.statistics!r}, "
             f"statistics_rows={self.statistics_rows}, inverse_mode={self.inverse_mode!r}, "
-            f"host_sync={self.host_sync!r}, "
+            f"host_sync={self.host_sync!r}, kl_guard={self.kl_guard}, "
+            f"kl_guard_backtracks={self.kl_guard_backtracks}, "
             f"blocks={len(self.blocks)})"
         )
 
@@ -580,6 +662,7 @@ COUNTERS = (
     "skipped_steps",
     "skipped_statistics",
     "eig_failures",
+    "rejected_steps",
 )
 
 

@@ -54,10 +54,10 @@ def record(args: argparse.Namespace) -> None:
             current["batch"] = _batch_factors(records)
         add_records(self, records)
 
-    def patched_step(self: KFAC, closure: Any = None) -> Any:
+    def patched_step(self: KFAC, closure: Any = None, *, kl: Any = None) -> Any:
         params = [p for g in self.param_groups for p in g["params"]]
         current["grads"] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
-        out = step(self, closure)
+        out = step(self, closure, kl=kl)
         current["params"] = torch.cat([p.detach().flatten() for p in params]).clone()
         current["step_scale"] = self.diagnostics.step_scale
         if len(log) < detail:

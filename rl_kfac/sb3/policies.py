@@ -10,7 +10,9 @@ the policy itself plus ``vf_fisher_coef`` times the value head's Gauss-Newton te
 
 from __future__ import annotations
 
+import copy
 import functools
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -64,6 +66,29 @@ def distribution_kl(old: Distribution, new: Distribution) -> Tensor:
     kl = torch.distributions.kl_divergence(old.distribution, new.distribution)  # type: ignore[arg-type]
     independent = isinstance(old, (DiagGaussianDistribution, BernoulliDistribution))
     return kl.sum(-1) if independent else kl
+
+
+def frozen_copy(distribution: Distribution) -> Distribution:
+    """A copy of an SB3 distribution with its parameters detached (SB3 re-fills a policy's one
+    distribution object on every forward, so the policy before a step needs its own)."""
+    d = distribution.distribution
+    frozen = copy.copy(distribution)
+    if isinstance(distribution, MultiCategoricalDistribution):
+        assert isinstance(d, list)
+        logits = [c.logits.detach() for c in d if isinstance(c, torch.distributions.Categorical)]
+        frozen.distribution = [torch.distributions.Categorical(logits=z) for z in logits]
+    elif isinstance(distribution, DiagGaussianDistribution):
+        assert isinstance(d, torch.distributions.Normal)
+        frozen.distribution = torch.distributions.Normal(d.mean.detach(), d.stddev.detach())
+    elif isinstance(distribution, BernoulliDistribution):
+        assert isinstance(d, torch.distributions.Bernoulli)
+        frozen.distribution = torch.distributions.Bernoulli(logits=d.logits.detach())
+    elif isinstance(distribution, CategoricalDistribution):
+        assert isinstance(d, torch.distributions.Categorical)
+        frozen.distribution = torch.distributions.Categorical(logits=d.logits.detach())
+    else:
+        raise ValueError(f"no KL guard for {type(distribution).__name__}")
+    return frozen
 
 
 class KFACPolicySetup:
@@ -141,6 +166,26 @@ class KFACPolicySetup:
             fisher = functools.partial(policy_fisher_loss, distribution, rows)
             record_fisher(self.kfac, fisher, values, self.vf_fisher_coef, rows)
 
+    def guard_next_step(
+        self,
+        distribution: Distribution,
+        replay: Callable[[], Distribution],
+        rows: Tensor | None = None,
+    ) -> None:
+        """Give K-FAC's KL guard (``kl_guard``) the KL(π before ‖ π after) of SB3's next
+        ``optimizer.step()``: ``distribution`` is the training forward's, ``replay`` the same
+        forward run again (after the step); ``rows`` masks the real steps of padded sequences.
+        Nothing happens without the guard, or outside a training forward."""
+        if self.kfac.kl_guard is None or not torch.is_grad_enabled():
+            return
+        before = frozen_copy(distribution)
+
+        def kl() -> Tensor:
+            per_state = distribution_kl(before, replay())
+            return (per_state if rows is None else per_state[rows]).mean()
+
+        self.kfac.check_next_step(kl)
+
 
 class KFACActorCriticPolicy(KFACPolicySetup, ActorCriticPolicy):
     """``MlpPolicy`` of :class:`~rl_kfac.sb3.ACKTR` / :class:`~rl_kfac.sb3.PPOKFAC`.
@@ -166,6 +211,7 @@ class KFACActorCriticPolicy(KFACPolicySetup, ActorCriticPolicy):
         distribution = self._distribution(self.action_net(latent_pi))
         values = self.value_net(latent_vf)
         self.record_statistics(distribution, values)
+        self.guard_next_step(distribution, lambda: self.get_distribution(obs))
         return values, distribution.log_prob(actions), distribution.entropy()
 
     def _distribution(self, action_net_output: Tensor) -> Distribution:

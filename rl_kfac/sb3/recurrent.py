@@ -67,6 +67,11 @@ class KFACRecurrentActorCriticPolicy(KFACPolicySetup, RecurrentActorCriticPolicy
         )
         assert self._last_distribution is not None
         self.record_statistics(self._last_distribution, values, self._rows)
+        self.guard_next_step(
+            self._last_distribution,
+            lambda: self.get_distribution(obs, lstm_states.pi, episode_starts)[0],
+            self._rows,
+        )
         self._last_distribution = None
         return values, log_prob, entropy
 
