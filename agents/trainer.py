@@ -125,6 +125,10 @@ class Trainer:
         seed_everything(cfg.seed)
         self.envs = make_vec_env(cfg.env_id, cfg.n_envs, **cfg.env_options())
         obs_space = self.envs.single_observation_space
+        # The initial weights must not depend on the thread count the process started with: the
+        # orthogonal init's QR differs in its last bits between 1 and 2 threads, which grows into
+        # other episodes (scripts/train.py started at torch's default, the benchmark at 1)
+        torch.set_num_threads(1)
         try:
             self.policy = ActorCritic(obs_space, self.envs.single_action_space, cfg.policy_spec())
         except ValueError:

@@ -350,3 +350,28 @@ def test_an_experiment_is_reported_next_to_the_shipped_rows(tmp_path):
     rows = [line for line in text if line.startswith("| CartPole")]
     assert "PPO-KFAC (rl-kfac): no_damping | 0-2 (tuning) | 0 of 3 |" in rows[0]
     assert "PPO-KFAC (rl-kfac): shipped | 0-2 (tuning) | 3 of 3 |" in rows[1]
+
+
+@pytest.mark.parametrize("algo", ["ppo_kfac", "acktr"])
+def test_train_py_reproduces_the_benchmarks_run_episode_for_episode(tmp_path, algo):
+    """``scripts/train.py --config C --seed S --threads 1`` and the benchmark's run of the same
+    config and seed write the same ``episodes.csv``, whatever thread count the process started
+    with (torch's default is every core: 2 on this project's machine)."""
+    import torch
+
+    from agents.cli import train_main
+
+    task = find_task("CartPole-v1")[1]
+    steps = 4000 if algo == "ppo_kfac" else 20_000  # where the two departed before (row 36, 153)
+    started = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        argv = ["--config", task.config_path(algo), "--seed", "0", "--threads", "1"]
+        argv += ["--total-timesteps", str(steps), "--log-dir", str(tmp_path / "train")]
+        assert train_main([*argv, "--no-progress"]) == 0
+        run(RunSpec(algo, task, 0, steps, tmp_path / "bench"))
+    finally:
+        torch.set_num_threads(started)
+    ours = (tmp_path / "train" / "episodes.csv").read_bytes()
+    assert ours == (tmp_path / "bench" / "episodes.csv").read_bytes()
+    assert len(ours.splitlines()) > 40
