@@ -54,6 +54,7 @@ def sb3_arguments(cfg: Config) -> dict[str, Any]:
         "ent_coef": cfg.ent_coef,
         "vf_coef": cfg.vf_coef,
         "kl_clip": cfg.kl_clip,
+        "kl_clip_lr": cfg.kl_clip_lr,
         "damping": cfg.damping,
         "momentum": cfg.momentum,
         "stat_decay": cfg.stat_decay,
@@ -62,6 +63,8 @@ def sb3_arguments(cfg: Config) -> dict[str, Any]:
         "vf_fisher_coef": cfg.vf_fisher_coef,
         "damping_target_kl": cfg.damping_target_kl if cfg.damping_adaptation == "kl" else None,
         "kl_clip_target": cfg.kl_clip_target,
+        "kl_guard": cfg.kl_guard,
+        "kl_guard_backtracks": cfg.kl_guard_backtracks,
         "normalize_advantage": (
             cfg.algo == "ppo_kfac" if cfg.normalize_advantage is None else cfg.normalize_advantage
         ),
@@ -112,7 +115,6 @@ def _policy_kwargs(cfg: Config) -> str | None:
         "weight_decay": 0.0,
         "statistics_rows": None,
         "inverse_mode": "sync",
-        "kl_clip_lr": "current",
     }
     own = {k: getattr(cfg, k) for k, v in optimizer.items() if getattr(cfg, k) != v}
     if own:

@@ -24,9 +24,9 @@ from rl_kfac import KFAC
 from rl_kfac.sb3 import ACKTR, PPOKFAC, KFACActorCriticPolicy, distribution_kl, policy_fisher_loss
 from tests.dense import with_ones
 
-SMALL = {
-    ACKTR: dict(n_steps=8),
-    PPOKFAC: dict(n_steps=16, batch_size=16, n_epochs=2),
+SMALL = {  # a constant learning rate: the default decays to 0 by the last update
+    ACKTR: dict(n_steps=8, learning_rate=0.25),
+    PPOKFAC: dict(n_steps=16, batch_size=16, n_epochs=2, learning_rate=0.25),
 }
 
 

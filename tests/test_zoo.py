@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from torch import nn
 
 from agents.config import load_config
 from agents.sb3_settings import sb3_arguments, zoo_entry, zoo_hyperparams
@@ -55,21 +54,25 @@ def test_zoo_hyperparams_are_generated_from_the_configs(algo):
 # Hopper's config moved from KL damping to fixed damping + the radius control; the class keeps
 # KL damping by default (RecurrentPPOKFAC inherits it), as its docstring says.
 KL_DAMPING = ["damping_adaptation=kl", "damping_target_kl=0.003", "kl_clip_target=null"]
+# what the classes add to the paper's settings and the configs' (rl_kfac.sb3.algorithms.ROBUST)
+ROBUST = ["kl_clip_lr=initial", "kl_guard=2.0"]
 
 
 @pytest.mark.parametrize(
     "cls, config, overrides",
-    [(ACKTR, None, []), (PPOKFAC, "configs/ppo_kfac/hopper.yaml", KL_DAMPING)],
+    [(ACKTR, None, ROBUST), (PPOKFAC, "configs/ppo_kfac/hopper.yaml", KL_DAMPING + ROBUST)],
 )
 def test_sb3_class_defaults_are_the_documented_settings(cls, config, overrides):
     """ACKTR's defaults are the paper's (agents.config.Config's); PPOKFAC's the Hopper config's
-    with KL damping. The learning rate is the other documented difference: constant in the
-    classes, linear decay in the configs."""
+    with KL damping; both with the KL guard on and the clip at the initial learning rate, which
+    decays linearly to 0 (as in the configs)."""
     cfg = load_config(ROOT / config if config else None, overrides)
     expected = sb3_arguments(cfg)
-    assert expected.pop("learning_rate") == f"lin_{cls.defaults['learning_rate']:g}"
+    schedule = cls.defaults["learning_rate"]
+    assert expected.pop("learning_rate") == f"lin_{schedule(1.0):g}"
+    assert schedule(0.5) == schedule(1.0) / 2 and schedule(0.0) == 0
     shared = set(expected) & set(cls.defaults)
-    assert shared >= {"n_steps", "gamma", "kl_clip", "momentum", "damping_target_kl"}
+    assert shared >= {"n_steps", "gamma", "kl_clip", "momentum", "damping_target_kl", "kl_guard"}
     assert {k: cls.defaults[k] for k in shared} == {k: expected[k] for k in shared}
 
 
@@ -87,10 +90,12 @@ def test_settings_rl_kfac_sb3_lacks_are_refused_not_dropped(override, message):
         sb3_arguments(cfg)
 
 
-def test_the_clip_lr_setting_reaches_the_sb3_optimizer():
-    """``kl_clip_lr`` is a K-FAC argument: the zoo entry passes it in ``optimizer_kwargs``."""
-    cfg = load_config(ROOT / "configs/ppo_kfac/pendulum.yaml", ["kl_clip_lr=initial"])
-    policy_kwargs = eval(zoo_entry(cfg)["policy_kwargs"], {"dict": dict, "nn": nn})  # as rl-zoo
-    assert policy_kwargs["optimizer_kwargs"]["kl_clip_lr"] == "initial"
-    model = PPOKFAC("MlpPolicy", "Pendulum-v1", policy_kwargs=policy_kwargs)
-    assert model.policy.optimizer.kl_clip_lr == "initial"
+@pytest.mark.parametrize("clip_lr", ["initial", "current"])
+def test_the_clip_lr_setting_reaches_the_sb3_optimizer(clip_lr):
+    """``kl_clip_lr`` is a K-FAC argument of the SB3 classes, written in the zoo entry where it
+    differs from the class's default (``"initial"``)."""
+    cfg = load_config(ROOT / "configs/ppo_kfac/pendulum.yaml", [f"kl_clip_lr={clip_lr}"])
+    entry = zoo_entry(cfg)
+    assert entry.get("kl_clip_lr", PPOKFAC.defaults["kl_clip_lr"]) == clip_lr
+    model = PPOKFAC("MlpPolicy", "Pendulum-v1", kl_clip_lr=entry.get("kl_clip_lr", clip_lr))
+    assert model.policy.optimizer.kl_clip_lr == clip_lr

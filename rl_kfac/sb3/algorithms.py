@@ -23,7 +23,7 @@ from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv
-from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.utils import LinearSchedule, obs_as_tensor
 
 from rl_kfac.actor_critic import adapt_damping_to_kl, adapt_kl_clip
 from rl_kfac.damping import KLDampingController
@@ -49,11 +49,14 @@ _KL_CHUNK = 4096  # states per no-grad forward when measuring the update's KL
 # The arguments that go to rl_kfac.KFAC (the policy's optimizer)
 KFAC_ARGS = (
     "kl_clip",
+    "kl_clip_lr",
     "damping",
     "momentum",
     "stat_decay",
     "factor_update_interval",
     "inverse_update_interval",
+    "kl_guard",
+    "kl_guard_backtracks",
 )
 # The ACKTR paper's / OpenAI baselines' values (Wu et al. 2017)
 PAPER: dict[str, Any] = {
@@ -65,15 +68,26 @@ PAPER: dict[str, Any] = {
     "vf_coef": 0.5,
     "max_grad_norm": math.inf,  # the trust region bounds the step instead
     "kl_clip": 1e-3,
+    "kl_clip_lr": "current",
     "damping": 1e-2,
     "momentum": 0.9,
     "stat_decay": 0.99,
     "factor_update_interval": 1,
     "inverse_update_interval": 10,
+    "kl_guard": None,  # not in the paper: rl_kfac.kl_guard
+    "kl_guard_backtracks": 5,
     "vf_fisher_coef": 1.0,
     "damping_target_kl": None,
     "damping_kwargs": None,
     "kl_clip_target": None,
+}
+# What the classes add to the paper's settings, so that they learn with none given: the paper's
+# linear decay of the learning rate (rl-zoo's "lin_0.25"), which under kl_clip_lr "initial"
+# shortens clipped steps too, and the KL guard (rl_kfac.kl_guard) at twice the trust region
+ROBUST: dict[str, Any] = {
+    "learning_rate": LinearSchedule(0.25, 0.0, 1.0),
+    "kl_clip_lr": "initial",
+    "kl_guard": 2.0,
 }
 
 
@@ -260,7 +274,7 @@ class ACKTR(_KFACTraining, A2C):
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = _POLICIES
-    defaults: ClassVar[dict[str, Any]] = {**PAPER, "normalize_advantage": False}
+    defaults: ClassVar[dict[str, Any]] = {**PAPER, **ROBUST, "normalize_advantage": False}
     forced: ClassVar[dict[str, Any]] = {"use_rms_prop": False}  # the optimizer is K-FAC
 
 
@@ -281,6 +295,7 @@ class PPOKFAC(_KFACTraining, PPO):
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = _POLICIES
     defaults: ClassVar[dict[str, Any]] = {
         **PAPER,
+        **ROBUST,
         "n_steps": 256,
         "batch_size": 256,
         "n_epochs": 4,
