@@ -73,7 +73,10 @@ class KFACAlgorithm:
                 stacklevel=2,
             )
             kfac["inverse_mode"] = "sync"
-        groups = kfac_param_groups(policy, policy.log_std, cfg.log_std_fisher)
+        critic = policy.value_parameters() if cfg.vf_kl_clip is not None else []
+        groups = kfac_param_groups(
+            policy, policy.log_std, cfg.log_std_fisher, critic, cfg.vf_kl_clip
+        )
         self.optimizer = KFAC(groups, lr=cfg.lr, communicator=comm, model=policy, **kfac)
         self.kl_damping = (
             KLDampingController(

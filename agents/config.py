@@ -63,6 +63,8 @@ class Config:
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     vf_fisher_coef: float = 1.0
+    # the value-only parameters' own trust region (.inf: unclipped); null: the policy's
+    vf_kl_clip: float | None = None
     vf_steps: int = 0  # ACKTR: K-FAC steps on the value loss alone after each update
     max_grad_norm: float | None = None
     # K-FAC
@@ -182,7 +184,8 @@ class Config:
         )
         for name in TYPES:
             value = getattr(self, name)
-            if isinstance(value, float) and not math.isfinite(value):
+            unbounded = name == "vf_kl_clip" and value == math.inf  # inf: no clip
+            if isinstance(value, float) and not math.isfinite(value) and not unbounded:
                 raise ValueError(f"{name} must be finite, got {value}")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -208,6 +211,10 @@ class Config:
             raise ValueError(
                 f"kl_clip_target must be > 0 with a kl_clip to adapt, got {self.kl_clip_target} "
                 f"(kl_clip {self.kl_clip})"
+            )
+        if self.vf_kl_clip is not None and not self.vf_kl_clip > 0:
+            raise ValueError(
+                f"vf_kl_clip must be > 0 (.inf: unclipped) or null, got {self.vf_kl_clip}"
             )
         if self.kl_guard is not None and (self.kl_clip is None or self.kl_guard <= 0):
             raise ValueError(

@@ -61,6 +61,7 @@ def sb3_arguments(cfg: Config) -> dict[str, Any]:
         "factor_update_interval": cfg.factor_update_interval,
         "inverse_update_interval": cfg.inverse_update_interval,
         "vf_fisher_coef": cfg.vf_fisher_coef,
+        "vf_kl_clip": cfg.vf_kl_clip,
         "damping_target_kl": cfg.damping_target_kl if cfg.damping_adaptation == "kl" else None,
         "kl_clip_target": cfg.kl_clip_target,
         "kl_guard": cfg.kl_guard,

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
@@ -28,21 +28,39 @@ from rl_kfac.trust_region import KLClipController
 
 
 def kfac_param_groups(
-    module: nn.Module, log_std: Tensor | None, log_std_fisher: bool
+    module: nn.Module,
+    log_std: Tensor | None,
+    log_std_fisher: bool,
+    value_params: Iterable[Tensor] = (),
+    vf_kl_clip: float | None = None,
 ) -> list[dict[str, Any]]:
     """``module``'s trainable parameters as one group; with ``log_std_fisher`` its
     state-independent Gaussian log-std ``log_std`` in a group of its own, preconditioned by its
     exact Fisher :data:`~rl_kfac.fisher.GAUSSIAN_LOG_STD_FISHER` instead of taking the plain
-    gradient. Build the optimizer with ``KFAC(groups, model=module)``."""
+    gradient; with ``vf_kl_clip`` the parameters only the value depends on (``value_params``) in
+    a group with that trust region of its own (``inf``: unclipped), so that the value head's
+    Gauss-Newton term no longer spends the policy's (a group ``kl_clip``, see
+    :class:`~rl_kfac.KFAC`). Build the optimizer with ``KFAC(groups, model=module)``."""
     params = [p for p in module.parameters() if p.requires_grad]
-    if not log_std_fisher:
-        return [{"params": params}]
-    if log_std is None:
-        raise ValueError("log_std_fisher needs a Gaussian policy (Box actions); this one has none")
-    if not any(p is log_std for p in params):
-        raise ValueError("log_std must be a trainable parameter of the module")
-    rest = [p for p in params if p is not log_std]
-    return [{"params": rest}, {"params": [log_std], "fisher_diagonal": GAUSSIAN_LOG_STD_FISHER}]
+    groups: list[dict[str, Any]] = []
+    if vf_kl_clip is not None:
+        critic = {id(p) for p in value_params if p.requires_grad}
+        if not critic:
+            raise ValueError("vf_kl_clip needs parameters only the value uses; this model has none")
+        if not critic <= {id(p) for p in params}:
+            raise ValueError("the value parameters must be trainable parameters of the module")
+        groups.append({"params": [p for p in params if id(p) in critic], "kl_clip": vf_kl_clip})
+        params = [p for p in params if id(p) not in critic]
+    if log_std_fisher:
+        if log_std is None:
+            raise ValueError(
+                "log_std_fisher needs a Gaussian policy (Box actions); this one has none"
+            )
+        if not any(p is log_std for p in params):
+            raise ValueError("log_std must be a trainable parameter of the module")
+        params = [p for p in params if p is not log_std]
+        groups.insert(0, {"params": [log_std], "fisher_diagonal": GAUSSIAN_LOG_STD_FISHER})
+    return [{"params": params}, *groups]
 
 
 def actor_critic_fisher_loss(policy_loss: Tensor, values: Tensor, vf_fisher_coef: float) -> Tensor:

@@ -126,6 +126,13 @@ class KFAC(Optimizer):
     to the other parameters, preconditions them exactly as ``v = g / (f + λ)`` (e.g.
     :data:`rl_kfac.fisher.GAUSSIAN_LOG_STD_FISHER` for a state-independent log-std).
 
+    A group that sets ``kl_clip`` has a trust region of its own: its step is scaled by a ν
+    computed from its own ``⟨v, g⟩`` and that radius (``inf`` or ``None``: never scaled), and it
+    leaves the shared one. E.g. a critic's parameters, whose Gauss-Newton term would otherwise
+    spend the policy's trust region while the value errors are large (OpenAI baselines'
+    continuous-control ACKTR gives its value function an optimizer and clip of its own;
+    :func:`rl_kfac.actor_critic.kfac_param_groups`).
+
     ``state_dict()`` holds, besides torch's ``param_groups``: per layer weight the running
     factors ``A``, ``G`` and their eigendecompositions ``eA, QA, eG, QG`` and ``pi``; per
     parameter its ``momentum_buffer``; under ``"kfac"`` the counters of :attr:`diagnostics`
@@ -222,6 +229,11 @@ class KFAC(Optimizer):
             _check(given == owned, "model= must own exactly the optimizer's parameters")
         for group in self.param_groups:
             group.setdefault("initial_lr", group["lr"])  # kl_clip_lr "initial" (kept if given)
+            own = group.get("kl_clip", 1.0)
+            _check(
+                own is None or (isinstance(own, (int, float)) and 0 < own <= math.inf),
+                f"a group's kl_clip must be > 0 (inf: no clip), or None, got {own}",
+            )
             f = group.get("fisher_diagonal")
             _check(
                 f is None
@@ -420,15 +432,31 @@ class KFAC(Optimizer):
             self._skip(NONFINITE_STEP)
             return
 
-        nu = 1.0
-        if self.kl_clip is not None:
+        nus = [1.0] * len(quad_values)
+        for radius, members in self._trust_regions():
             weighted = sum(
-                self._clip_lr(g) ** 2 * max(q, 0.0) for g, q in zip(self.param_groups, quad_values)
+                self._clip_lr(self.param_groups[i]) ** 2 * max(quad_values[i], 0.0) for i in members
             )
-            nu = min(1.0, math.sqrt(self.kl_clip / weighted)) if weighted > 0 else 1.0
-        for group, lay, (params, dirs) in zip(self.param_groups, layout, directions):
+            nu = min(1.0, math.sqrt(radius / weighted)) if weighted > 0 else 1.0
+            for i in members:
+                nus[i] = nu
+        for group, lay, (params, dirs), nu in zip(self.param_groups, layout, directions, nus):
             _apply(group, lay, params, dirs, nu, self._param_state)
-        self._last = (nu, sum(quad_values))
+        self._last = (nus[self._main_group], sum(quad_values))
+
+    def _trust_regions(self) -> list[tuple[float, list[int]]]:
+        """Each finite trust region's radius and the indices of the groups it scales: the
+        optimizer's ``kl_clip`` over the groups that set none of their own, and each group's own.
+        """
+        shared = [i for i, g in enumerate(self.param_groups) if "kl_clip" not in g]
+        regions = [(self.kl_clip, shared)] if shared else []
+        regions += [(g["kl_clip"], [i]) for i, g in enumerate(self.param_groups) if "kl_clip" in g]
+        return [(c, members) for c, members in regions if c is not None and c < math.inf]
+
+    @property
+    def _main_group(self) -> int:
+        """The first group the optimizer's own trust region scales (its ν is the logged one)."""
+        return next((i for i, g in enumerate(self.param_groups) if "kl_clip" not in g), 0)
 
     def _clip_lr(self, group: dict[str, Any]) -> float:
         """The learning rate ν is computed at (``kl_clip_lr``)."""
@@ -459,17 +487,21 @@ class KFAC(Optimizer):
         wide = torch.float32 if quads[0].device.type == "mps" else torch.float64  # mps: no fp64
         q = torch.stack(quads).to(wide)
         finite = q.isfinite().all()
-        nu = torch.ones((), dtype=q.dtype, device=q.device)
-        if self.kl_clip is not None:
+        one = torch.ones((), dtype=q.dtype, device=q.device)
+        nus = [one] * len(quads)
+        for radius, members in self._trust_regions():
             weighted = sum(
-                self._clip_lr(g) ** 2 * qi.clamp(min=0) for g, qi in zip(self.param_groups, q)
+                self._clip_lr(self.param_groups[i]) ** 2 * q[i].clamp(min=0) for i in members
             )
             assert isinstance(weighted, Tensor)
-            nu = torch.where(weighted > 0, (self.kl_clip / weighted).sqrt().clamp(max=1.0), nu)
-        for group, lay, (params, dirs) in zip(self.param_groups, layout, directions):
+            nu = torch.where(weighted > 0, (radius / weighted).sqrt().clamp(max=1.0), one)
+            for i in members:
+                nus[i] = nu
+        for group, lay, (params, dirs), nu in zip(self.param_groups, layout, directions, nus):
             _apply_gated(group, lay, params, dirs, nu, finite, self._param_state)
         self._skipped_steps.add_flag(~finite)
-        self._last = (torch.where(finite, nu, math.nan), torch.where(finite, q.sum(), math.nan))
+        main = nus[self._main_group]
+        self._last = (torch.where(finite, main, math.nan), torch.where(finite, q.sum(), math.nan))
 
     def _prepare(self) -> list[GroupLayout]:
         """Fold in pending statistics, refresh eigenbases when due; the layout to step with."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.bench import report
+from agents.bench import defaults, report
 from agents.bench.results import SuiteResults, first_to_threshold, low_after_threshold, run_row
 from agents.bench.runs import RunInProgress, RunSpec, claimed, run, zoo_settings
 from agents.bench.suites import ALGOS, OURS, REFERENCE, SUITES, TUNED_ON, find_task
@@ -32,6 +32,41 @@ def test_readme_tables_match_the_committed_results_and_configs():
     experiments = report.render_experiments(ROOT / "bench_results" / "experiments")
     assert report.block(readme, report.EXPERIMENTS) == experiments
     assert report.block(readme, report.SPEED) == report.render_speed(ROOT / "bench_results/speed")
+    shown = report.block(readme, defaults.MARKERS)
+    assert shown == defaults.render(defaults.read(ROOT / defaults.RESULTS)), (
+        "README's SB3-defaults table differs: run `python scripts/bench_sb3_defaults.py --report`"
+    )
+
+
+def test_sb3_defaults_metrics_by_hand():
+    evals = [(5000, 300.0), (10000, 480.0), (15000, 390.0), (20000, 500.0)]
+    assert defaults.metrics(evals, 475) == {
+        "first_reach": 10000,
+        "lowest_after": 390.0,
+        "final_eval": 500.0,
+    }
+    assert defaults.metrics(evals[:1], 475) == {
+        "first_reach": None,
+        "lowest_after": None,
+        "final_eval": 300.0,
+    }
+    rows = [
+        {"algo": "acktr", "env": "CartPole-v1", "seed": str(s), "threads": "1",
+         "first_reach": f, "lowest_after": low, "final_eval": fin,
+         "kfac_steps": "100", "rejected_steps": rej}
+        for s, f, low, fin, rej in [
+            (0, "10000", "480.0", "500.0", "1"),
+            (1, "30000", "390.0", "480.0", "3"),
+            (2, "", "", "200.0", "0"),
+        ]
+    ]  # fmt: skip
+    (line,) = defaults.render(rows).splitlines()[2:]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3:9] == ["0-4 (tuning)", "2 of 3", "20k", "2 of 3", "390", "1.3%"]
+    assert cells[9] == (
+        "`python scripts/bench_sb3_defaults.py --envs CartPole-v1 --algos acktr --seeds 0-4 "
+        "--threads 1`"
+    )
 
 
 def test_every_shipped_config_states_whether_it_was_tuned():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +169,76 @@ def test_the_radius_controller_compares_the_kl_at_the_initial_rate():
     for group in opt.param_groups:
         group["lr"] = 0.0  # the schedule's end: no step, the radius is kept
     assert adapt_kl_clip(opt, control, 0.0) == opt.kl_clip
+
+
+def _plain_step(own: float | None, host_sync: str) -> tuple[torch.Tensor, ...]:
+    """One step on three parameters owned by no layer, preconditioned exactly by
+    ``fisher_diagonal`` f: ``v = g / (f + λ)``. Groups 0 and 2 share the optimizer's trust region;
+    group 1 has its own radius ``own`` (no key: it shares too)."""
+    params = [nn.Parameter(torch.zeros(4)) for _ in range(3)]
+    grads = [torch.full((4,), 1.0), torch.full((4,), 30.0), torch.full((4,), 2.0)]
+    middle: dict = {"params": [params[1]], "fisher_diagonal": 1.0}
+    if own is not None:
+        middle["kl_clip"] = own
+    groups = [{"params": [params[0]], "fisher_diagonal": 1.0}, middle]
+    groups.append({"params": [params[2]], "fisher_diagonal": 1.0})
+    opt = KFAC(groups, lr=0.5, momentum=0.0, damping=1.0, kl_clip=0.01, host_sync=host_sync)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    return tuple(p.detach().clone() for p in params)
+
+
+@pytest.mark.parametrize("host_sync", ["step", "log"])
+@pytest.mark.parametrize("own", [None, 1e-4, math.inf])
+def test_a_group_with_its_own_kl_clip_is_scaled_by_its_own_nu(own, host_sync):
+    """By hand: v = g / 2, ⟨v, g⟩ = |g|² / 2, ν = min(1, sqrt(c / (η² Σ⟨v, g⟩))) per region."""
+    lr, c = 0.5, 0.01
+    q = [4 * 1.0**2 / 2, 4 * 30.0**2 / 2, 4 * 2.0**2 / 2]  # 2, 1800, 8
+
+    def nu(radius: float, quads: list[float]) -> float:
+        return min(1.0, math.sqrt(radius / (lr**2 * sum(quads))))
+
+    if own is None:
+        scales = [nu(c, q)] * 3
+    else:
+        shared = nu(c, [q[0], q[2]])
+        scales = [shared, 1.0 if own == math.inf else nu(own, [q[1]]), shared]
+    got = _plain_step(own, host_sync)
+    for g, scale, p in zip((1.0, 30.0, 2.0), scales, got):
+        torch.testing.assert_close(p, torch.full((4,), -lr * scale * g / 2))
+
+
+def test_a_bad_group_kl_clip_is_refused():
+    for bad in (0.0, -1.0, "x"):
+        with pytest.raises(ValueError, match="a group's kl_clip"):
+            KFAC([{"params": [nn.Parameter(torch.zeros(2))], "kl_clip": bad}])
+
+
+def test_vf_kl_clip_puts_exactly_the_value_only_parameters_in_a_group_of_their_own():
+    from rl_kfac.sb3 import PPOKFAC
+
+    model = PPOKFAC("MlpPolicy", "CartPole-v1", vf_kl_clip=0.5, device="cpu")
+    names = {id(p): n for n, p in model.policy.named_parameters()}
+    groups = model.policy.optimizer.param_groups
+    (critic,) = [g for g in groups if "kl_clip" in g]
+    assert critic["kl_clip"] == 0.5
+    assert sorted(names[id(p)] for p in critic["params"]) == sorted(
+        n for n in names.values() if n.startswith(("mlp_extractor.value_net.", "value_net."))
+    )
+    shared = [names[id(p)] for g in groups if "kl_clip" not in g for p in g["params"]]
+    assert shared and not any("value" in n for n in shared)
+    paper = PPOKFAC("MlpPolicy", "CartPole-v1", vf_kl_clip=None, device="cpu")
+    assert [sorted(g) for g in paper.policy.optimizer.param_groups] == [
+        sorted(groups[0])
+    ]  # one group, the policy's trust region for all
+
+
+def test_our_agents_vf_kl_clip_groups_the_critic():
+    cfg = load_config("configs/acktr/cartpole.yaml", ["vf_kl_clip=.inf", "n_envs=2"])
+    trainer = Trainer(cfg, Path(tempfile.mkdtemp()) / "run", progress=False)
+    groups = trainer.algo.optimizer.param_groups
+    critic = {id(p) for p in trainer.policy.value_parameters()}
+    (own,) = [g for g in groups if "kl_clip" in g]
+    assert own["kl_clip"] == math.inf and {id(p) for p in own["params"]} == critic
+    trainer.envs.close()

@@ -55,7 +55,7 @@ def test_zoo_hyperparams_are_generated_from_the_configs(algo):
 # KL damping by default (RecurrentPPOKFAC inherits it), as its docstring says.
 KL_DAMPING = ["damping_adaptation=kl", "damping_target_kl=0.003", "kl_clip_target=null"]
 # what the classes add to the paper's settings and the configs' (rl_kfac.sb3.algorithms.ROBUST)
-ROBUST = ["kl_clip_lr=initial", "kl_guard=2.0"]
+ROBUST = ["kl_clip_lr=initial", "kl_guard=2.0", "vf_kl_clip=.inf"]
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ def render_results(root: Path) -> str:
         if not rows:
             continue
         parts.append(f"**{suite}** (`bench_results/{suite}/`)\n")
-        parts.append(_suite_table(tasks, rows))
+        parts.append(_suite_table(tasks, rows, suite))
         goals = _goal_table(tasks, rows)
         if goals:
             parts.append("\nGoals (final last-100 mean, median of seeds 0-4):\n")
@@ -89,11 +89,15 @@ def _label(line: str, label: str) -> str:
     return " | ".join(cells)
 
 
-def _suite_table(tasks: dict[str, Task], rows: list[dict[str, str]]) -> str:
+def _suite_table(
+    tasks: dict[str, Task], rows: list[dict[str, str]], suite: str | None = None
+) -> str:
+    """The results table; with ``suite``, each row ends with the command that reproduces it."""
     lines = [
         "| task | algorithm | seeds | reached | median steps | steps per seed "
-        "| final last-100: median; per seed | wall per run | commit |",
-        "| --- | --- | --- | --- | ---: | --- | --- | ---: | --- |",
+        "| final last-100: median; per seed | wall per run | commit |"
+        + (" reproduce |" if suite else ""),
+        "| --- | --- | --- | --- | ---: | --- | --- | ---: | --- |" + (" --- |" if suite else ""),
     ]
     for env, task in tasks.items():
         for algo in ALGOS:
@@ -103,16 +107,32 @@ def _suite_table(tasks: dict[str, Task], rows: list[dict[str, str]]) -> str:
                     (r for r in mine if int(r["timesteps"]) == budget), key=lambda r: int(r["seed"])
                 )
                 tuned = tuning_seeds(task, algo)
-                if tuned is None:
-                    lines.append(_row(task, runs, ""))
-                    continue
-                for role, group in (
-                    ("tuning", [r for r in runs if int(r["seed"]) in tuned]),
-                    ("held out", [r for r in runs if int(r["seed"]) not in tuned]),
-                ):
+                groups = [("", runs)]
+                if tuned is not None:
+                    groups = [
+                        (" (tuning)", [r for r in runs if int(r["seed"]) in tuned]),
+                        (" (held out)", [r for r in runs if int(r["seed"]) not in tuned]),
+                    ]
+                for role, group in groups:
                     if group:
-                        lines.append(_row(task, group, f" ({role})"))
+                        line = _row(task, group, role)
+                        lines.append(
+                            line + f" `{reproduce(suite, task, group)}` |" if suite else line
+                        )
     return "\n".join(lines)
+
+
+def reproduce(suite: str, task: Task, runs: list[dict[str, str]]) -> str:
+    """The command that runs these seeds again, into a directory of its own; for our agents it
+    writes the same ``episodes.csv`` as ``scripts/train.py --config C --seed S --threads 1``."""
+    budget = int(runs[0]["timesteps"])
+    steps = "" if budget == task.timesteps else f" --timesteps {budget}"
+    seeds = sorted(int(r["seed"]) for r in runs)
+    seed_arg = f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else f"{seeds[0]}-{seeds[0]}"
+    return (
+        f"python scripts/benchmark.py --suite {suite} --envs {task.env} "
+        f"--algos {runs[0]['algo']} --seeds {seed_arg}{steps} --out /tmp/rerun --work /tmp/rerun"
+    )
 
 
 def _fmt(task: Task) -> str:

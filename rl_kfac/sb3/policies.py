@@ -33,6 +33,14 @@ from rl_kfac.actor_critic import kfac_param_groups, record_fisher
 from rl_kfac.fisher import bernoulli_fisher_loss, categorical_fisher_loss, gaussian_fisher_loss
 from rl_kfac.optimizer import KFAC
 
+# parameter-name prefixes of what only the value uses, in SB3's and sb3-contrib's policies
+VALUE_ONLY = (
+    "mlp_extractor.value_net.",
+    "value_net.",
+    "vf_features_extractor.",
+    "lstm_critic.",
+    "critic.",
+)
 SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary, spaces.Box)
 
 
@@ -111,6 +119,7 @@ class KFACPolicySetup:
         lr_schedule: Schedule,
         *args: Any,
         vf_fisher_coef: float = 1.0,
+        vf_kl_clip: float | None = None,
         log_std_fisher: bool = False,
         optimizer_class: type[KFAC] = KFAC,
         optimizer_kwargs: dict[str, Any] | None = None,
@@ -126,7 +135,9 @@ class KFACPolicySetup:
             raise ValueError("K-FAC policies record the true Fisher: leave statistics='explicit'")
         if vf_fisher_coef < 0:
             raise ValueError(f"vf_fisher_coef must be >= 0, got {vf_fisher_coef}")
-        self.vf_fisher_coef = vf_fisher_coef
+        if vf_kl_clip is not None and not vf_kl_clip > 0:
+            raise ValueError(f"vf_kl_clip must be > 0 (inf: unclipped) or None, got {vf_kl_clip}")
+        self.vf_fisher_coef, self.vf_kl_clip = vf_fisher_coef, vf_kl_clip
         if self.default_extractor is not None:
             kwargs.setdefault("features_extractor_class", self.default_extractor)
         super().__init__(  # type: ignore[call-arg]  # the SB3 policy class after this mixin
@@ -143,8 +154,15 @@ class KFACPolicySetup:
         self.log_std_fisher = log_std_fisher
         self.optimizer_class, self.optimizer_kwargs = optimizer_class, kfac_kwargs
         log_std = getattr(self, "log_std", None)  # SB3 has it on Gaussian policies only
-        groups = kfac_param_groups(self, log_std, log_std_fisher)  # type: ignore[arg-type]
+        critic = self.value_parameters() if vf_kl_clip is not None else []
+        groups = kfac_param_groups(self, log_std, log_std_fisher, critic, vf_kl_clip)  # type: ignore[arg-type]
         self.optimizer = optimizer_class(groups, lr=lr_schedule(1), model=self, **kfac_kwargs)  # type: ignore[arg-type]
+
+    def value_parameters(self) -> list[Tensor]:
+        """The parameters only the value depends on: the critic's own network, LSTM and
+        features extractor, and the value head (SB3's and sb3-contrib's names)."""
+        named = cast(torch.nn.Module, self).named_parameters()
+        return [p for name, p in named if name.startswith(VALUE_ONLY)]
 
     @property
     def kfac(self) -> KFAC:
@@ -153,7 +171,12 @@ class KFACPolicySetup:
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         own = super()._get_constructor_parameters()  # type: ignore[misc]
-        return {**own, "vf_fisher_coef": self.vf_fisher_coef, "log_std_fisher": self.log_std_fisher}
+        return {
+            **own,
+            "vf_fisher_coef": self.vf_fisher_coef,
+            "vf_kl_clip": self.vf_kl_clip,
+            "log_std_fisher": self.log_std_fisher,
+        }
 
     def record_statistics(
         self, distribution: Distribution, values: Tensor, rows: Tensor | None = None
