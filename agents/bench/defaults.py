@@ -72,27 +72,29 @@ class DefaultsRun:
     seed: int
     threads: int
     eval_every: int = 5_000
+    settings: tuple[tuple[str, Any], ...] = ()  # keyword arguments: candidates, not defaults
 
     @property
     def key(self) -> tuple[str, str, str, str]:
         return (self.algo, self.env, str(self.seed), str(self.threads))
 
 
-def make_model(algo: str, env: str, seed: int) -> Any:
-    """The model exactly as a user makes it with defaults: a policy name, an env id, a seed."""
+def make_model(algo: str, env: str, seed: int, **settings: Any) -> Any:
+    """The model exactly as a user makes it with defaults: a policy name, an env id, a seed
+    (``settings``: the arguments a candidate for new defaults changes)."""
     if algo in ("recurrent_ppo_kfac", "recurrent_ppo"):
         from sb3_contrib import RecurrentPPO
 
         from rl_kfac.sb3 import RecurrentPPOKFAC
 
         cls: Any = RecurrentPPOKFAC if algo == "recurrent_ppo_kfac" else RecurrentPPO
-        return cls("MlpLstmPolicy", env, seed=seed)
+        return cls("MlpLstmPolicy", env, seed=seed, **settings)
     from stable_baselines3 import A2C, PPO
 
     from rl_kfac.sb3 import ACKTR, PPOKFAC
 
     cls = {"acktr": ACKTR, "ppo_kfac": PPOKFAC, "a2c": A2C, "ppo": PPO}[algo]
-    return cls("MlpPolicy", env, seed=seed)
+    return cls("MlpPolicy", env, seed=seed, **settings)
 
 
 def train(spec: DefaultsRun) -> dict[str, Any]:
@@ -124,7 +126,7 @@ def train(spec: DefaultsRun) -> dict[str, Any]:
                 evals.append((self.num_timesteps, float(mean)))  # type: ignore[arg-type]
             return True
 
-    model = make_model(spec.algo, env_id, spec.seed)
+    model = make_model(spec.algo, env_id, spec.seed, **dict(spec.settings))
     start = time.perf_counter()
     model.learn(task.timesteps, callback=Evaluate())
     wall = time.perf_counter() - start
@@ -138,6 +140,7 @@ def train(spec: DefaultsRun) -> dict[str, Any]:
         "threads": spec.threads,
         "timesteps": task.timesteps,
         "eval_every": spec.eval_every,
+        "settings": " ".join(f"{k}={v!r}" for k, v in spec.settings),
         **metrics(evals, task.threshold),
         "evals": " ".join(f"{t}:{m:.1f}" for t, m in evals),
         "kfac_steps": counters.get("steps", ""),
