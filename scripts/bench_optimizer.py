@@ -7,7 +7,7 @@ Inverse (eigen) updates every 10 steps are amortised: each sample is the mean of
 updates, and the median over blocks is reported.
 
     python scripts/bench_optimizer.py [--device auto] [--blocks 7] [--only cnn-320,mlp-2048]
-        [--statistics-rows M] [--factor-update-interval T] [--background]
+        [--statistics-rows M] [--factor-update-interval T] [--background] [--kl-guard F]
 
 Each row also prints the multiply-adds of the variant's factor statistics per update. Every
 case times full exact statistics ("exact", KFAC's defaults) and the K-FAC settings of the shipped
@@ -120,7 +120,17 @@ def kfac_update(model: nn.Module, opt: KFAC, batch: dict[str, Tensor]) -> None:
         opt.fisher_backward(fisher_loss(logits, values))
     opt.zero_grad()
     a2c_loss(logits, values, batch).backward()
-    opt.step()
+    kl = None
+    if opt.kl_guard is not None:  # the guard's measurement: one more forward pass
+        old = logits.detach().log_softmax(-1)
+        kl = functools.partial(categorical_kl, old, model, batch["obs"])
+    opt.step(kl=kl)
+
+
+def categorical_kl(old: Tensor, model: nn.Module, obs: Tensor) -> Tensor:
+    """KL(π_old ‖ π_now) of a categorical policy, averaged over the batch."""
+    new = model(obs)[0].log_softmax(-1)
+    return (old.exp() * (old - new)).sum(-1).mean()
 
 
 def rmsprop_update(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, Tensor]) -> None:
@@ -238,6 +248,9 @@ def variants(key: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 "statistics_rows": args.statistics_rows,
                 "factor_update_interval": t,
             }
+    if args.kl_guard:  # the bound is never reached: what the check itself costs
+        out["exact, kl_guard"] = {"kl_guard": args.kl_guard}
+        out[f"shipped: {SHIPPED[key]}, kl_guard"] = {"shipped": True, "kl_guard": args.kl_guard}
     if args.background:  # each variant so far, with its eigendecompositions in the background
         for label, kwargs in list(out.items()):
             if "shipped" not in kwargs:
@@ -264,6 +277,12 @@ def main() -> None:
     parser.add_argument(
         "--background", action="store_true", help="also time inverse_mode='background'"
     )
+    parser.add_argument(
+        "--kl-guard",
+        type=float,
+        default=0.0,
+        help="also time the KL guard with this kl_guard (1e9: it measures, never backtracks)",
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.only.split(",")) - set(CASES))
     if unknown:
@@ -289,7 +308,7 @@ def main() -> None:
         for label, kwargs in variants(key, args).items():
             kmodel = build().to(device)
             if kwargs.pop("shipped", False):
-                kwargs = shipped_settings(SHIPPED[key])
+                kwargs = {**shipped_settings(SHIPPED[key]), **kwargs}
             opt = KFAC(kmodel, **kwargs)
             updates[label] = functools.partial(kfac_update, kmodel, opt, batch)
             gmac[label] = statistics_gmac(kmodel, opt, batch, opt.factor_update_interval)

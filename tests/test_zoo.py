@@ -55,17 +55,22 @@ def test_zoo_hyperparams_are_generated_from_the_configs(algo):
 # KL damping by default (RecurrentPPOKFAC inherits it), as its docstring says.
 KL_DAMPING = ["damping_adaptation=kl", "damping_target_kl=0.003", "kl_clip_target=null"]
 # what the classes add to the paper's settings and the configs' (rl_kfac.sb3.algorithms.ROBUST)
-ROBUST = ["kl_clip_lr=initial", "kl_guard=2.0", "vf_kl_clip=.inf"]
+ROBUST = ["kl_clip_lr=initial", "kl_guard=2.0", "vf_kl_clip=1.0"]
+# what ACKTR adds for the one environment SB3 makes from an env id (rl_kfac.sb3.algorithms)
+ONE_ENV = ["n_steps=128", "kl_clip=0.01", "momentum=0.0", "gae_lambda=0.95", "ent_coef=0.0"]
 
 
 @pytest.mark.parametrize(
     "cls, config, overrides",
-    [(ACKTR, None, ROBUST), (PPOKFAC, "configs/ppo_kfac/hopper.yaml", KL_DAMPING + ROBUST)],
+    [
+        (ACKTR, None, ROBUST + ONE_ENV),
+        (PPOKFAC, "configs/ppo_kfac/hopper.yaml", KL_DAMPING + ROBUST),
+    ],
 )
 def test_sb3_class_defaults_are_the_documented_settings(cls, config, overrides):
-    """ACKTR's defaults are the paper's (agents.config.Config's); PPOKFAC's the Hopper config's
-    with KL damping; both with the KL guard on and the clip at the initial learning rate, which
-    decays linearly to 0 (as in the configs)."""
+    """ACKTR's defaults are the paper's (agents.config.Config's) with ONE_ENV; PPOKFAC's the
+    Hopper config's with KL damping; both with ROBUST: the KL guard, the critic's own trust
+    region and the clip at the initial learning rate, which decays linearly to 0."""
     cfg = load_config(ROOT / config if config else None, overrides)
     expected = sb3_arguments(cfg)
     schedule = cls.defaults["learning_rate"]
@@ -99,3 +104,15 @@ def test_the_clip_lr_setting_reaches_the_sb3_optimizer(clip_lr):
     assert entry.get("kl_clip_lr", PPOKFAC.defaults["kl_clip_lr"]) == clip_lr
     model = PPOKFAC("MlpPolicy", "Pendulum-v1", kl_clip_lr=entry.get("kl_clip_lr", clip_lr))
     assert model.policy.optimizer.kl_clip_lr == clip_lr
+
+
+def test_the_papers_acktr_is_one_argument_away():
+    """``ACKTR(..., **PAPER)``: the paper code's ACKTR, without what the defaults add."""
+    from rl_kfac.sb3 import PAPER
+
+    model = ACKTR("MlpPolicy", "CartPole-v1", **PAPER, device="cpu")
+    opt = model.policy.optimizer
+    assert (model.n_steps, model.gae_lambda, model.ent_coef) == (20, 1.0, 0.01)
+    assert (opt.kl_clip, opt.kl_guard, opt.kl_clip_lr) == (1e-3, None, "current")
+    assert opt.param_groups[0]["momentum"] == 0.9 and len(opt.param_groups) == 1
+    assert model.lr_schedule(0.0) == 0.25  # constant

@@ -11,7 +11,7 @@ sb3-contrib's ``RecurrentPPO``) needs sb3-contrib: ``pip install "rl-kfac[zoo]"`
 
 from typing import Any
 
-from rl_kfac.sb3.algorithms import ACKTR, PPOKFAC
+from rl_kfac.sb3.algorithms import ACKTR, PAPER, PPOKFAC
 from rl_kfac.sb3.policies import (
     KFACActorCriticCnnPolicy,
     KFACActorCriticPolicy,
@@ -40,6 +40,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ACKTR",
+    "PAPER",
     "PPOKFAC",
     "CnnPolicy",
     "KFACActorCriticCnnPolicy",

@@ -84,15 +84,26 @@ PAPER: dict[str, Any] = {
 }
 # What the classes add to the paper's settings, so that they learn with none given: the paper's
 # linear decay of the learning rate (rl-zoo's "lin_0.25"), which under kl_clip_lr "initial"
-# shortens clipped steps too; the KL guard (rl_kfac.kl_guard) at twice the trust region; and the
-# value function out of the policy's trust region (unclipped): with unnormalised returns its
-# Gauss-Newton term held 73-99.9 % of the clip's quadratic on CartPole, so the critic's error,
-# not the policy, decided each policy step's length
+# shortens clipped steps too; the KL guard (rl_kfac.kl_guard) at twice the trust region; and a
+# trust region of its own for the value function (radius 1: an RMS change of the value
+# predictions of about 1 per step): with unnormalised returns its Gauss-Newton term held
+# 73-99.9 % of the shared clip's quadratic on CartPole, so the critic's error, not the policy,
+# decided each policy step's length (bench_results/sb3_defaults/PROTOCOL.md, candidates E, F)
 ROBUST: dict[str, Any] = {
     "learning_rate": LinearSchedule(0.25, 0.0, 1.0),
     "kl_clip_lr": "initial",
     "kl_guard": 2.0,
-    "vf_kl_clip": math.inf,
+    "vf_kl_clip": 1.0,
+}
+# ACKTR from one environment (what SB3 makes from an env id): the paper's 20 steps are per
+# environment of 16-32, a 20-sample batch from one; these are what our tuned CartPole config and
+# PPOKFAC's defaults share (candidate F)
+ONE_ENV: dict[str, Any] = {
+    "n_steps": 128,
+    "kl_clip": 1e-2,
+    "momentum": 0.0,
+    "gae_lambda": 0.95,
+    "ent_coef": 0.0,
 }
 
 
@@ -261,17 +272,21 @@ class ACKTR(_KFACTraining, A2C):
     """ACKTR (Wu et al. 2017): SB3's A2C with the K-FAC natural gradient and trust-region clip.
 
     ``ACKTR(policy, env, **kwargs)`` takes SB3 A2C's arguments and K-FAC's. Defaults
-    (``ACKTR.defaults``) are the paper's and OpenAI baselines', as ``agents.config.Config``'s (a
-    test checks): lr 0.25, 20-step rollouts, n-step returns (``gae_lambda=1``), ``ent_coef``
-    0.01, K-FAC with momentum 0.9, damping 0.01, ``kl_clip`` 0.001, statistics every update and
-    eigendecompositions every 10, no advantage normalisation; the learning rate is constant (the
-    paper decays it linearly: ``"lin_0.25"`` in rl-zoo). Tuned settings per task:
-    ``configs/zoo/acktr.yml`` (generated from ``configs/acktr/``).
+    (``ACKTR.defaults``) are made to learn from the one environment SB3 makes from an env id,
+    with no settings given (``bench_results/sb3_defaults/``): the paper's (``PAPER``, as
+    ``agents.config.Config``'s; a test checks) with ``ROBUST`` (lr 0.25 decaying linearly to 0,
+    the clip at the initial lr, the KL guard at 2, the value function in a trust region of its
+    own) and ``ONE_ENV`` (128-step rollouts, ``kl_clip`` 0.01, momentum 0, ``gae_lambda`` 0.95,
+    no entropy bonus). ``ACKTR(..., **PAPER)`` is the paper's ACKTR (for 16-32 environments).
+    Tuned settings per task: ``configs/zoo/acktr.yml`` (generated from ``configs/acktr/``).
 
-    K-FAC arguments (see :class:`rl_kfac.KFAC`): ``kl_clip``, ``damping``, ``momentum``,
-    ``stat_decay``, ``factor_update_interval``, ``inverse_update_interval``; others
+    K-FAC arguments (see :class:`rl_kfac.KFAC`): ``kl_clip``, ``kl_clip_lr``, ``kl_guard``,
+    ``kl_guard_backtracks``, ``damping``, ``momentum``, ``stat_decay``,
+    ``factor_update_interval``, ``inverse_update_interval``; others
     (``damping_mode``, ``conv_approx``, ``weight_decay``, ``factor_dtype``) go in
-    ``policy_kwargs["optimizer_kwargs"]``. ``vf_fisher_coef`` weighs the value head in the Fisher.
+    ``policy_kwargs["optimizer_kwargs"]``. ``vf_fisher_coef`` weighs the value head in the Fisher;
+    ``vf_kl_clip`` gives the parameters only the value uses a trust region of that radius
+    (``inf``: unclipped; ``None``: they share the policy's).
     ``damping_target_kl``: if set, the damping λ moves toward this KL(π_old ‖ π_new) after each
     update (:class:`rl_kfac.damping.KLDampingController`, options in ``damping_kwargs``).
     ``kl_clip_target``: if set, the trust-region radius ``kl_clip`` moves toward this measured
@@ -282,7 +297,12 @@ class ACKTR(_KFACTraining, A2C):
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = _POLICIES
-    defaults: ClassVar[dict[str, Any]] = {**PAPER, **ROBUST, "normalize_advantage": False}
+    defaults: ClassVar[dict[str, Any]] = {
+        **PAPER,
+        **ROBUST,
+        **ONE_ENV,
+        "normalize_advantage": False,
+    }
     forced: ClassVar[dict[str, Any]] = {"use_rms_prop": False}  # the optimizer is K-FAC
 
 
@@ -295,8 +315,8 @@ class PPOKFAC(_KFACTraining, PPO):
     (``PPOKFAC.defaults``): those of ``configs/ppo_kfac/hopper.yaml`` with KL damping in place
     of its fixed damping and ``kl_clip_target`` 0.02 (a test checks), a setting for continuous
     control: 256-step rollouts in minibatches of 256, 4 epochs, ``gae_lambda`` 0.95, no entropy
-    bonus, ``kl_clip`` 0.01, momentum 0 and KL-based damping toward 0.003; the
-    learning rate 0.25 is constant (the configs decay it linearly: ``"lin_0.25"`` in rl-zoo).
+    bonus, ``kl_clip`` 0.01, momentum 0 and KL-based damping toward 0.003; with ``ROBUST`` (see
+    :class:`ACKTR`: lr 0.25 decaying linearly, the KL guard, the critic's own trust region).
     Tuned settings per task: ``configs/zoo/ppo_kfac.yml`` (generated from ``configs/ppo_kfac/``).
     """
 
