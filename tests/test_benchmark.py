@@ -65,7 +65,7 @@ def test_sb3_defaults_metrics_by_hand():
     assert cells[3:9] == ["0-4 (tuning)", "2 of 3", "20k", "2 of 3", "390", "1.3%"]
     assert cells[9] == (
         "`python scripts/bench_sb3_defaults.py --envs CartPole-v1 --algos acktr --seeds 0-4 "
-        "--threads 1`"
+        "--threads 1 --out /tmp/rerun.csv`"
     )
 
 
@@ -144,7 +144,11 @@ def test_report_rows_count_and_median_by_hand(tmp_path):
     assert "| 150; 250, 120, 230, 150, 110 |" in body[0]
     # held out: median of 200k and 400k
     assert "| 5-6 (held out) | 2 of 2 | 300.0k | 200.0k, 400.0k | 225; 240, 210 |" in body[1]
-    assert body[1].endswith("| 50 s | abc1234 |")
+    assert "| 50 s | abc1234 |" in body[1]
+    assert body[1].endswith(  # the row's own command: those seeds, into a fresh directory
+        "| `python scripts/benchmark.py --suite classic --envs LunarLander-v3 --algos acktr "
+        "--seeds 5-6 --out /tmp/rerun --work /tmp/rerun` |"
+    )
 
 
 def test_goals_are_judged_on_the_median_of_seeds_0_to_4(tmp_path):

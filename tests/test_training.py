@@ -71,6 +71,13 @@ def test_every_shipped_config_is_valid():
         (["--set", "bogus=1"], "unknown config key(s) ['bogus']"),
         (["--set", "kl_clip=0"], "kl_clip must be > 0"),
         (["--set", "log_std_fisher=true"], "log_std_fisher needs a Gaussian policy"),
+        (["--set", "kl_guard=0"], "kl_guard must be > 0 with a kl_clip"),
+        (["--set", "kl_guard=-2"], "kl_guard must be > 0 with a kl_clip"),
+        (["--set", "kl_guard=.inf"], "kl_guard must be finite"),
+        (["--set", "kl_guard=.nan"], "kl_guard must be finite"),
+        (["--set", "kl_guard=2", "--set", "kl_clip=null"], "kl_guard must be > 0 with a kl_clip"),
+        (["--set", "kl_guard_backtracks=-1"], "kl_guard_backtracks must be >= 0"),
+        (["--set", "vf_kl_clip=0"], "vf_kl_clip must be > 0"),
     ],
 )
 def test_cli_rejects_bad_input_before_writing_anything(tmp_path, capsys, args, message):

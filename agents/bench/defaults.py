@@ -187,9 +187,11 @@ def save(row: dict[str, Any], path: Path = RESULTS) -> None:
 
 
 def command(algo: str, env: str, seeds: range, threads: int) -> str:
+    """The command that runs these seeds again, into a file of its own (the committed
+    ``runs.csv`` already holds them, and a recorded run is skipped)."""
     return (
         f"python scripts/bench_sb3_defaults.py --envs {env} --algos {algo} "
-        f"--seeds {seeds.start}-{seeds.stop - 1} --threads {threads}"
+        f"--seeds {seeds.start}-{seeds.stop - 1} --threads {threads} --out /tmp/rerun.csv"
     )
 
 
